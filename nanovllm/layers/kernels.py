@@ -1,0 +1,317 @@
+"""Triton kernels for the paged KV cache: writing new K/V, and decode attention.
+
+Cache layout. The engine allocates one tensor per device,
+
+    kv_cache[num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]
+
+block-major, so that one block of every layer is a single contiguous range (cheap to ship
+between devices). A layer sees the views ``k_cache = kv_cache[:, layer, 0]`` and
+``v_cache = kv_cache[:, layer, 1]``, each ``[num_blocks, block_size, num_kv_heads, head_dim]``.
+Only the last three dims are dense: stride(0) jumps over all the other layers, so every kernel
+takes the strides it is given and never assumes a contiguous first dim.
+
+A *slot* is ``block_id * block_size + offset_in_block``; slot -1 marks a padding row to skip.
+A sequence's tokens live in the blocks its block-table row lists, in order.
+
+Addresses are computed in int64: block_id * stride(0) overflows int32 for any realistic cache.
+
+The kernels run unchanged in Triton's interpreter (TRITON_INTERPRET=1) on CPU tensors, which
+is how CI tests them; they stick to language features present from Triton 3.0 on.
+"""
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["store_kvcache", "paged_decode_attention"]
+
+
+# ---------------------------------------------------------------------------------------------
+# store_kvcache
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _store_kvcache_kernel(
+    key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+    stride_kn, stride_kh, stride_vn, stride_vh,
+    stride_kcb, stride_kct, stride_kch,
+    stride_vcb, stride_vct, stride_vch,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    HD_PAD: tl.constexpr,
+):
+    # One program per token: all heads of the token are one short row of the cache.
+    tok = tl.program_id(0)
+    slot = tl.load(slot_mapping_ptr + tok)
+    # Flatten (head, dim) so a non-power-of-two head count needs only one pad + mask.
+    i = tl.arange(0, HD_PAD)
+    h = i // HEAD_DIM
+    d = i % HEAD_DIM
+    # A skipped slot (-1) turns into an all-false mask rather than an early return. (Built as
+    # one comparison: the interpreter mistypes `block_mask & scalar_mask` as int32.)
+    mask = i < (slot >= 0).to(tl.int32) * (NUM_HEADS * HEAD_DIM)
+    block = (slot // BLOCK_SIZE).to(tl.int64)
+    off = slot % BLOCK_SIZE
+    tok64 = tok.to(tl.int64)
+
+    k = tl.load(key_ptr + tok64 * stride_kn + h * stride_kh + d, mask=mask)
+    v = tl.load(value_ptr + tok64 * stride_vn + h * stride_vh + d, mask=mask)
+    k_dst = k_cache_ptr + block * stride_kcb + off * stride_kct + h * stride_kch + d
+    v_dst = v_cache_ptr + block * stride_vcb + off * stride_vct + h * stride_vch + d
+    tl.store(k_dst, k.to(k_dst.dtype.element_ty), mask=mask)
+    tl.store(v_dst, v.to(v_dst.dtype.element_ty), mask=mask)
+
+
+def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write key[i] / value[i] ([N, kv_heads, head_dim]) into the cache at slot_mapping[i]."""
+    n, num_heads, head_dim = key.shape
+    block_size = k_cache.shape[1]
+    _check_cache(k_cache, v_cache, num_heads, head_dim)
+    if value.shape != key.shape or slot_mapping.shape != (n,):
+        raise ValueError(f"shape mismatch: key {tuple(key.shape)}, value {tuple(value.shape)}, "
+                         f"slot_mapping {tuple(slot_mapping.shape)}")
+    if key.stride(-1) != 1 or value.stride(-1) != 1:
+        raise ValueError("key and value need a unit stride on head_dim")
+    if n == 0:
+        return
+    _store_kvcache_kernel[(n,)](
+        key, value, k_cache, v_cache, slot_mapping,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        HD_PAD=triton.next_power_of_2(num_heads * head_dim),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# paged_decode_attention
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
+    out_ptr, m_ptr, l_ptr,
+    qk_scale,
+    stride_qb, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_bt,
+    stride_ob, stride_oh, stride_os,
+    stride_mb, stride_mh,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """One program = one (sequence, kv head, split): each K/V tile is read once and used by
+    every q head of the group, which is what makes GQA decode bandwidth-bound, not
+    load-count-bound."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+
+    ctx = tl.load(context_lens_ptr + b)
+    num_tiles = tl.cdiv(ctx, BLOCK_N)
+    # Splits own whole tiles; a split past the end of a short sequence does no work and
+    # reports an empty softmax (m = -inf, l = 0), which the reduce step weighs as zero.
+    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    tile_lo = split * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    n = tl.arange(0, BLOCK_N)
+    heads = kvh * GROUP + g
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                mask=(g < GROUP)[:, None], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    m_i = tl.zeros([GROUP_PAD], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
+    table_row = block_tables_ptr + b.to(tl.int64) * stride_bt
+    k_head = k_cache_ptr + kvh * stride_kh + d[None, :]
+    v_head = v_cache_ptr + kvh * stride_vh + d[None, :]
+
+    for t in range(tile_lo, tile_hi):
+        # BLOCK_N divides BLOCK_SIZE, so a tile never straddles two cache blocks and needs a
+        # single block-table lookup; table entries past the sequence are never read.
+        start = t * BLOCK_N
+        block = tl.load(table_row + start // BLOCK_SIZE).to(tl.int64)
+        rows = (start % BLOCK_SIZE + n)[:, None]
+        valid = start + n < ctx
+        k = tl.load(k_head + block * stride_kb + rows * stride_kt, mask=valid[:, None], other=0.0)
+        v = tl.load(v_head + block * stride_vb + rows * stride_vt, mask=valid[:, None], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+
+        # Scores in log2 units (qk_scale folds in log2(e)) so exp2 can be used.
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        m_i = m_new
+
+    out_mask = (g < GROUP)[:, None]
+    o_rows = out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :]
+    if NUM_SPLITS == 1:
+        # l == 0 only for an empty sequence (e.g. a zero-length padding row in a CUDA graph):
+        # write zeros there instead of NaN.
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        tl.store(o_rows, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(o_rows + split * stride_os, acc, mask=out_mask)
+        ml_off = b.to(tl.int64) * stride_mb + heads * stride_mh + split
+        tl.store(m_ptr + ml_off, m_i, mask=g < GROUP)
+        tl.store(l_ptr + ml_off, l_i, mask=g < GROUP)
+
+
+@triton.jit
+def _split_reduce_kernel(
+    part_ptr, m_ptr, l_ptr, out_ptr,
+    stride_pb, stride_ph, stride_ps,
+    stride_mb, stride_mh,
+    stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):
+    """Merge the per-split softmax states of one (sequence, q head)."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    s = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    s_mask = s < NUM_SPLITS
+    m = tl.load(m_ptr + b * stride_mb + h * stride_mh + s, mask=s_mask, other=float("-inf"))
+    l = tl.load(l_ptr + b * stride_mb + h * stride_mh + s, mask=s_mask, other=0.0)
+    part = tl.load(part_ptr + b * stride_pb + h * stride_ph + s[:, None] * stride_ps + d[None, :],
+                   mask=s_mask[:, None], other=0.0)
+    m_max = tl.max(m, axis=0)
+    # All splits empty only for an empty sequence; avoid -inf - -inf = NaN.
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m - m_max)
+    l_sum = tl.sum(w * l, axis=0)
+    l_sum = tl.where(l_sum == 0.0, 1.0, l_sum)
+    out = tl.sum(part * w[:, None], axis=0) / l_sum
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor,
+                           scale: float, num_splits: int | None = None) -> torch.Tensor:
+    """Attention of one new token per sequence over its paged KV cache.
+
+    q: [B, num_q_heads, head_dim]; k_cache, v_cache: [num_blocks, block_size, kv_heads,
+    head_dim] (strided views); block_tables: int32 [B, max_blocks]; context_lens: int32 [B].
+    Returns [B, num_q_heads, head_dim] in q's dtype. No host syncs: CUDA-graph capturable.
+    num_splits overrides the split-K heuristic (tests and benchmarks use it).
+    """
+    return _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits)
+
+
+def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=None,
+            block_n=None, num_warps=None, num_stages=None):
+    """paged_decode_attention with every launch knob exposed, for the benchmark's sweeps."""
+    batch, num_q_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    _check_cache(k_cache, v_cache, num_kv_heads, head_dim)
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"{num_q_heads} q heads is not a multiple of {num_kv_heads} kv heads")
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two >= 16 (tl.dot), got {head_dim}")
+    if q.stride(-1) != 1:
+        raise ValueError("q needs a unit stride on head_dim")
+    if q.dtype != k_cache.dtype:
+        raise ValueError(f"q is {q.dtype} but the cache is {k_cache.dtype}")
+    group = num_q_heads // num_kv_heads
+    out = torch.empty(batch, num_q_heads, head_dim, dtype=q.dtype, device=q.device)
+    if batch == 0:
+        return out
+
+    block_n = block_n or _default_block_n(block_size, head_dim)
+    if block_size % block_n:
+        raise ValueError(f"block_n {block_n} must divide block_size {block_size}")
+    num_splits = _pick_num_splits(num_splits, batch * num_kv_heads,
+                                  block_tables.shape[1] * block_size // block_n, q.device)
+    # Hopper/Ampere: 4 warps cover a [16 x BLOCK_N] mma tile and the 2 x BLOCK_N x head_dim
+    # loads; 3 stages keep ~2 tiles of K/V in flight per program, enough to hide HBM latency.
+    launch = dict(num_warps=num_warps or 4, num_stages=num_stages or 3)
+
+    common = (q, k_cache, v_cache, block_tables, context_lens)
+    strides = (q.stride(0), q.stride(1),
+               k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+               v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+               block_tables.stride(0))
+    meta = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+                HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n,
+                NUM_SPLITS=num_splits,
+                # The interpreter (CPU tensors) multiplies bf16 as raw uint16: give it fp32.
+                UPCAST=q.device.type == "cpu" and q.dtype == torch.bfloat16)
+    qk_scale = scale * 1.4426950408889634  # log2(e): the kernel works with exp2
+    grid = (batch, num_kv_heads, num_splits)
+    if num_splits == 1:
+        _paged_decode_kernel[grid](*common, out, out, out, qk_scale, *strides,
+                                   out.stride(0), out.stride(1), 0, 0, 0, **meta, **launch)
+        return out
+
+    part = torch.empty(batch, num_q_heads, num_splits, head_dim, dtype=torch.float32,
+                       device=q.device)
+    m = torch.empty(batch, num_q_heads, num_splits, dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    _paged_decode_kernel[grid](*common, part, m, l, qk_scale, *strides,
+                               part.stride(0), part.stride(1), part.stride(2),
+                               m.stride(0), m.stride(1), **meta, **launch)
+    _split_reduce_kernel[(batch, num_q_heads)](
+        part, m, l, out,
+        part.stride(0), part.stride(1), part.stride(2), m.stride(0), m.stride(1),
+        out.stride(0), out.stride(1),
+        HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
+        SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4,
+    )
+    return out
+
+
+def _default_block_n(block_size: int, head_dim: int) -> int:
+    # 64 tokens x 128 dims of bf16 is 16 KiB per K (or V) tile: big enough for long, coalesced
+    # reads, small enough that 3 pipeline stages of K and V fit in shared memory.
+    return min(block_size, 64 if head_dim <= 128 else 32)
+
+
+def _pick_num_splits(requested: int | None, programs: int, max_tiles: int,
+                     device: torch.device) -> int:
+    # Without splits the grid is batch x kv_heads; HBM needs several resident programs per SM
+    # to be saturated, so split the sequence until the grid reaches ~4 per SM. Depends on the
+    # batch size and static shapes only, never on context lengths (graph capture).
+    if requested is None:
+        target = 4 * _sm_count(device)
+        requested = 1 if programs >= target else min(64, triton.cdiv(target, programs))
+    # Never more splits than the block table has tiles, so a full-length sequence leaves no
+    # split idle.
+    return max(1, min(requested, max_tiles))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # interpreter: any small number exercises the split path
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int,
+                 head_dim: int) -> None:
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache/v_cache must both be [num_blocks, block_size, kv_heads, "
+                         f"head_dim], got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if tuple(k_cache.shape[2:]) != (num_heads, head_dim):
+        raise ValueError(f"cache heads/dim {tuple(k_cache.shape[2:])} != "
+                         f"({num_heads}, {head_dim})")
+    block_size = k_cache.shape[1]
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
+    if k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError("k_cache and v_cache need a unit stride on head_dim")

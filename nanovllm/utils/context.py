@@ -1,0 +1,19 @@
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Context:
+    """Per-step attention metadata, passed explicitly through the model (two runners share a process)."""
+    is_prefill: bool
+    slot_mapping: torch.Tensor  # [num_tokens] int32: where each new token's K/V goes; -1 = padding
+    # prefill
+    cu_seqlens_q: torch.Tensor | None = None  # [num_seqs + 1] int32
+    cu_seqlens_k: torch.Tensor | None = None
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
+    prefix_slots: torch.Tensor | None = None  # [sum of context lens] int64: set when a prefix came from the cache
+    # decode (prefill too, for the CPU path)
+    context_lens: torch.Tensor | None = None  # [num_seqs] int32
+    block_tables: torch.Tensor | None = None  # [num_seqs, max_blocks] int32

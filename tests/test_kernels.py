@@ -1,0 +1,121 @@
+"""Triton KV-cache kernels against naive torch references.
+
+On CPU these run in Triton's interpreter (conftest sets TRITON_INTERPRET) in fp32; on a GPU the
+same cases run in bf16. Caches are block-major like the engine's, so every per-layer view is
+strided, and block tables are shuffled so that logical and physical order differ.
+"""
+import pytest
+import torch
+
+from nanovllm.layers.kernels import paged_decode_attention, store_kvcache
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+TOL = dict(rtol=1e-2, atol=1e-2) if DTYPE == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
+NUM_LAYERS, LAYER = 3, 1  # test a middle layer so both neighbours' data sit in the way
+
+
+def make_cache(num_blocks, block_size, kv_heads, head_dim, dtype=DTYPE):
+    """Random block-major cache and the (k, v) views one layer would get."""
+    kv = torch.randn(num_blocks, NUM_LAYERS, 2, block_size, kv_heads, head_dim,
+                     dtype=dtype, device=DEVICE)
+    return kv, kv[:, LAYER, 0], kv[:, LAYER, 1]
+
+
+def make_block_tables(context_lens, block_size, num_blocks):
+    """Each sequence gets distinct, shuffled blocks; unused table entries are -1."""
+    width = max(-(-n // block_size) for n in context_lens)
+    tables = torch.full((len(context_lens), width), -1, dtype=torch.int32)
+    free = torch.randperm(num_blocks).tolist()
+    for i, n in enumerate(context_lens):
+        for j in range(-(-n // block_size)):
+            tables[i, j] = free.pop()
+    return tables.to(DEVICE)
+
+
+def reference_decode(q, k_cache, v_cache, block_tables, context_lens, scale):
+    block_size, group = k_cache.shape[1], q.shape[1] // k_cache.shape[2]
+    out = []
+    for b, n in enumerate(context_lens.tolist()):
+        blocks = block_tables[b, : -(-n // block_size)].long()
+        k = k_cache[blocks].flatten(0, 1)[:n].float().repeat_interleave(group, dim=1)
+        v = v_cache[blocks].flatten(0, 1)[:n].float().repeat_interleave(group, dim=1)
+        p = (torch.einsum("hd,nhd->hn", q[b].float(), k) * scale).softmax(-1)
+        out.append(torch.einsum("hn,nhd->hd", p, v))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("kv_heads,head_dim", [(2, 16), (3, 32), (1, 64)])
+def test_store_kvcache(kv_heads, head_dim):
+    block_size, num_blocks, n = 16, 6, 7
+    kv, k_cache, v_cache = make_cache(num_blocks, block_size, kv_heads, head_dim)
+    before = kv.clone()
+    # key/value as strided views of a fused qkv projection, as the model produces them.
+    qkv = torch.randn(n, 4 * kv_heads, head_dim, dtype=DTYPE, device=DEVICE)
+    key, value = qkv[:, 2 * kv_heads: 3 * kv_heads], qkv[:, 3 * kv_heads:]
+    slots = torch.randperm(num_blocks * block_size)[:n].to(torch.int32)
+    slots[2] = slots[5] = -1
+    store_kvcache(key, value, k_cache, v_cache, slots.to(DEVICE))
+
+    expected = before.clone()
+    for i, s in enumerate(slots.tolist()):
+        if s >= 0:
+            expected[s // block_size, LAYER, 0, s % block_size] = key[i]
+            expected[s // block_size, LAYER, 1, s % block_size] = value[i]
+    assert torch.equal(kv, expected)  # written slots hold the data, all else is untouched
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("q_heads,kv_heads,head_dim", [(4, 4, 16), (4, 2, 32), (6, 2, 64)])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_paged_decode_attention(block_size, q_heads, kv_heads, head_dim, num_splits):
+    context_lens = [1, block_size, 37, 2 * block_size + 5]
+    num_blocks = 12
+    _, k_cache, v_cache = make_cache(num_blocks, block_size, kv_heads, head_dim)
+    tables = make_block_tables(context_lens, block_size, num_blocks)
+    lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
+    # q as a strided view (a slice of the fused qkv output).
+    q = torch.randn(len(context_lens), q_heads + 2 * kv_heads, head_dim,
+                    dtype=DTYPE, device=DEVICE)[:, :q_heads]
+    scale = head_dim ** -0.5
+
+    out = paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, num_splits=num_splits)
+    ref = reference_decode(q, k_cache, v_cache, tables, lens, scale)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    torch.testing.assert_close(out.float(), ref, **TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_paged_decode_attention_half_precision(dtype):
+    block_size, kv_heads, head_dim, context_lens = 16, 2, 32, [5, 40]
+    _, k_cache, v_cache = make_cache(6, block_size, kv_heads, head_dim, dtype)
+    tables = make_block_tables(context_lens, block_size, 6)
+    lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
+    q = torch.randn(2, 4, head_dim, dtype=dtype, device=DEVICE)
+
+    out = paged_decode_attention(q, k_cache, v_cache, tables, lens, head_dim ** -0.5)
+    ref = reference_decode(q, k_cache, v_cache, tables, lens, head_dim ** -0.5)
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_paged_decode_attention_default_splits_and_empty_row():
+    """The heuristic split count on a GPU-like batch, and a zero-length padding row -> zeros."""
+    block_size, kv_heads, head_dim = 16, 2, 16
+    context_lens = [0, 50, 3]
+    _, k_cache, v_cache = make_cache(8, block_size, kv_heads, head_dim)
+    tables = make_block_tables(context_lens, block_size, 8)
+    tables[0] = -1  # padding rows in a captured graph point nowhere
+    lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
+    q = torch.randn(3, 2 * kv_heads, head_dim, dtype=DTYPE, device=DEVICE)
+
+    out = paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.25)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    ref = reference_decode(q[1:], k_cache, v_cache, tables[1:], lens[1:], 0.25)
+    torch.testing.assert_close(out[1:].float(), ref, **TOL)
+
+
+def test_rejects_unsupported_block_size():
+    _, k_cache, v_cache = make_cache(2, 24, 1, 16)
+    with pytest.raises(ValueError, match="block_size"):
+        store_kvcache(torch.zeros(1, 1, 16), torch.zeros(1, 1, 16), k_cache, v_cache,
+                      torch.zeros(1, dtype=torch.int32))
