@@ -119,3 +119,22 @@ def test_rejects_unsupported_block_size():
     with pytest.raises(ValueError, match="block_size"):
         store_kvcache(torch.zeros(1, 1, 16), torch.zeros(1, 1, 16), k_cache, v_cache,
                       torch.zeros(1, dtype=torch.int32))
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_paged_decode_attention_in_cuda_graph(num_splits):
+    """Captured with placeholder lengths, replayed with real ones: lengths are read on device."""
+    block_size, context_lens = 16, [3, 40]
+    _, k_cache, v_cache = make_cache(8, block_size, 2, 32)
+    tables = make_block_tables(context_lens, block_size, 8)
+    lens = torch.ones(2, dtype=torch.int32, device=DEVICE)
+    q = torch.randn(2, 4, 32, dtype=DTYPE, device=DEVICE)
+    paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.2, num_splits)  # compile first
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.2, num_splits)
+    lens.copy_(torch.tensor(context_lens))
+    graph.replay()
+    ref = reference_decode(q, k_cache, v_cache, tables, lens, 0.2)
+    torch.testing.assert_close(out.float(), ref, **TOL)

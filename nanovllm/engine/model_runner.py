@@ -233,6 +233,7 @@ class ModelRunner:
 
     # ---- KV transfer to another runner (PD mode) ----
 
+    @torch.inference_mode()
     def sync_kv_cache_to(self, other: "ModelRunner", block_pairs: list[tuple[int, int]]) -> "KVTransfer":
         """Copy the KV of the given (my block, its block) pairs, all layers, into `other`'s cache.
 

@@ -1,0 +1,131 @@
+"""The engine on CPU against Hugging Face transformers: greedy output must match token for token (fp32)."""
+import pytest
+import torch
+
+from conftest import hf_greedy, random_prompts
+from nanovllm import LLM, LLMEngine, SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+SMALL = dict(kv_cache_block_size=16, max_model_len=256, max_num_batched_tokens=512, num_kv_cache_blocks=128)
+
+
+@pytest.mark.parametrize("model", ["qwen3_path", "llama_path", "qwen2_path"])
+def test_greedy_matches_transformers(model, request):
+    path = request.getfixturevalue(model)
+    prompts = random_prompts(6, 1, 70)
+    llm = LLM(path, **SMALL)
+    outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o["token_ids"] for o in outputs] == hf_greedy(path, prompts, GREEDY.max_tokens)
+    assert all(o["finish_reason"] == "length" for o in outputs)
+
+
+def test_prefix_cache_hit_matches_transformers(qwen3_path):
+    shared = random_prompts(1, 50, 50, seed=1)[0]  # three full 16-token blocks
+    prompts = [shared + tail for tail in ([7, 8, 9], [10], [11, 12, 13, 14, 15])]
+    llm = LLM(qwen3_path, **SMALL)
+    first = llm.generate(prompts[:1], GREEDY, use_tqdm=False)
+    hits_before = llm.scheduler.block_manager.num_cache_hits
+    rest = llm.generate(prompts[1:], GREEDY, use_tqdm=False)
+    assert llm.scheduler.block_manager.num_cache_hits - hits_before == 2 * 3  # both reuse all 3 blocks
+    assert [o["token_ids"] for o in first + rest] == hf_greedy(qwen3_path, prompts, GREEDY.max_tokens)
+
+
+def test_preemption_gives_the_same_tokens(qwen3_path):
+    prompts = random_prompts(8, 20, 60, seed=2)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    roomy = LLM(qwen3_path, **SMALL).generate(prompts, params, use_tqdm=False)
+    tight = LLM(qwen3_path, **dict(SMALL, num_kv_cache_blocks=20))  # 320 tokens for ~600 needed
+    outputs = tight.generate(prompts, params, use_tqdm=False)
+    assert tight.scheduler.num_preemptions > 0
+    assert [o["token_ids"] for o in outputs] == [o["token_ids"] for o in roomy]
+    assert tight.scheduler.block_manager.num_free_blocks == 20  # everything released
+
+
+def test_text_prompts_and_outputs(qwen3_path):
+    llm = LLM(qwen3_path, **SMALL)
+    [out] = llm.generate("The quick brown fox", SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
+                         use_tqdm=False)
+    assert len(out["token_ids"]) == 5
+    assert out["text"] == llm.tokenizer.decode(out["token_ids"], skip_special_tokens=True)
+
+
+def test_sampling_is_reproducible_with_a_seed(qwen3_path):
+    llm = LLM(qwen3_path, **SMALL)
+    prompts = random_prompts(4, 5, 30, seed=3)
+    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=16, ignore_eos=True, seed=1234)
+    a = llm.generate(prompts, params, use_tqdm=False)
+    b = llm.generate(prompts[::-1], params, use_tqdm=False)[::-1]  # other batch order, same tokens
+    assert [o["token_ids"] for o in a] == [o["token_ids"] for o in b]
+    unseeded = llm.generate(prompts, SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True),
+                            use_tqdm=False)
+    assert [o["token_ids"] for o in unseeded] != [o["token_ids"] for o in a]
+
+
+def test_top_k_one_is_greedy(qwen3_path):
+    llm = LLM(qwen3_path, **SMALL)
+    prompts = random_prompts(3, 5, 30, seed=4)
+    greedy = llm.generate(prompts, GREEDY, use_tqdm=False)
+    top1 = llm.generate(prompts, SamplingParams(temperature=0.8, top_k=1, max_tokens=24, ignore_eos=True),
+                        use_tqdm=False)
+    assert [o["token_ids"] for o in top1] == [o["token_ids"] for o in greedy]
+
+
+def test_stop_string_and_eos(qwen3_path):
+    llm = LLM(qwen3_path, **SMALL)
+    prompt = random_prompts(1, 10, 10, seed=5)[0]
+    [full] = llm.generate([prompt], GREEDY, use_tqdm=False)
+    stop = full["text"][5:8]
+    [cut] = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=stop),
+                         use_tqdm=False)
+    assert cut["finish_reason"] == "stop" and stop not in cut["text"]
+    assert full["text"].startswith(cut["text"]) and len(cut["token_ids"]) < 24
+    eos = full["token_ids"][3]  # pretend the 4th token is EOS: generation must stop there
+    llm.scheduler.eos = eos
+    [short] = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
+    assert short["token_ids"] == full["token_ids"][:full["token_ids"].index(eos) + 1]
+    assert short["finish_reason"] == "stop"
+
+
+def test_generation_stops_at_max_model_len(qwen3_path):
+    llm = LLM(qwen3_path, **dict(SMALL, max_model_len=40))
+    [out] = llm.generate([list(range(1, 31))], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True),
+                         use_tqdm=False)
+    assert len(out["token_ids"]) == 10 and out["finish_reason"] == "length"
+
+
+def test_step_api_streams_tokens(qwen3_path):
+    engine = LLMEngine(qwen3_path, **SMALL)
+    prompts = random_prompts(3, 5, 20, seed=6)
+    ids = [engine.add_request(p, GREEDY) for p in prompts]
+    streamed = {i: [] for i in ids}
+    finished = {}
+    while not engine.is_finished():
+        for out in engine.step():
+            streamed[out.request_id].append(out.new_token_id)
+            if out.finished:
+                finished[out.request_id] = out.token_ids
+    assert streamed == finished
+    assert [finished[i] for i in ids] == hf_greedy(qwen3_path, prompts, GREEDY.max_tokens)
+
+
+def test_per_prompt_sampling_params(qwen3_path):
+    llm = LLM(qwen3_path, **SMALL)
+    prompts = random_prompts(2, 5, 20, seed=7)
+    params = [SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=7, ignore_eos=True)]
+    assert [len(o["token_ids"]) for o in llm.generate(prompts, params, use_tqdm=False)] == [3, 7]
+
+
+def test_mixed_greedy_and_sampled_batch(qwen3_path):
+    llm = LLM(qwen3_path, **SMALL)
+    prompts = random_prompts(2, 5, 20, seed=8)
+    alone = llm.generate(prompts[:1], GREEDY, use_tqdm=False)
+    mixed = llm.generate(prompts, [GREEDY, SamplingParams(temperature=1.0, max_tokens=24, ignore_eos=True)],
+                         use_tqdm=False)
+    assert mixed[0]["token_ids"] == alone[0]["token_ids"]
+
+
+def test_cpu_default_kv_budget(qwen3_path):
+    llm = LLM(qwen3_path, max_model_len=256)
+    assert llm.model_runner.num_kv_blocks * 256 >= 256
+    assert llm.model_runner.kv_cache.dtype == torch.float32
