@@ -103,6 +103,7 @@ def copy_bandwidth():
     b = torch.empty_like(a)
     ms = triton.testing.do_bench(lambda: b.copy_(a), return_mode="median")
     del a, b
+    torch.cuda.empty_cache()  # so that pool_size sees the memory as free
     return 2 * (1 << 30) / (ms * 1e-3)
 
 
@@ -114,12 +115,6 @@ def pool_size(shape, batch, ctx, block_size):
     if fit < need:
         print(f"note: {need} blocks do not fit; sampling block ids from a pool of {fit}")
     return min(need, fit)
-
-
-def time_call(fn):
-    us = triton.testing.do_bench(fn, return_mode="median") * 1e3
-    graph_us = triton.testing.do_bench_cudagraph(fn, return_mode="median") * 1e3
-    return us, graph_us
 
 
 def bench(args, shape, copy_bw):

@@ -1,0 +1,81 @@
+"""PD mode on CPU ("cpu"/"cpu"): two runners, two separate KV caches, real copies between them."""
+import pytest
+import torch
+
+from conftest import hf_greedy, random_prompts
+from nanovllm import LLM, SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+COMMON = dict(kv_cache_block_size=16, max_model_len=256, max_num_batched_tokens=256)
+PD = dict(COMMON, enable_two_gpu_pd=True, prefill_device_id="cpu", decode_device_id="cpu")
+
+
+def test_pd_matches_single_device_under_back_pressure(qwen3_path):
+    shared = random_prompts(1, 40, 40, seed=10)[0]
+    prompts = random_prompts(12, 5, 60, seed=11) + [shared + [1, 2], shared + [3]]
+    single = LLM(qwen3_path, **COMMON, num_kv_cache_blocks=128).generate(prompts, GREEDY, use_tqdm=False)
+    # The decode side holds 20 blocks (320 tokens) for ~1000 tokens of work: admission must wait.
+    pd = LLM(qwen3_path, **PD, num_kv_cache_blocks=20, num_prefill_kv_cache_blocks=40)
+    outputs = pd.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o["token_ids"] for o in outputs] == [o["token_ids"] for o in single]
+    s = pd.scheduler
+    assert s.num_backpressure_stalls > 0
+    assert s.prefill_block_manager.num_cache_hits >= 2  # the shared 40-token prefix: 2 full blocks
+    assert s.block_manager.num_free_blocks == 20 and s.prefill_block_manager.num_free_blocks == 40
+    assert pd.stats["kv_copies"] > 0 and pd.stats["kv_bytes"] > 0
+
+
+def test_pd_matches_transformers_and_keeps_caches_separate(llama_path):
+    prompts = random_prompts(5, 1, 50, seed=12)
+    pd = LLM(llama_path, **PD, num_kv_cache_blocks=64, num_prefill_kv_cache_blocks=32)
+    assert pd.prefill_runner.kv_cache.data_ptr() != pd.decode_runner.kv_cache.data_ptr()
+    assert pd.prefill_runner.num_kv_blocks == 32 and pd.decode_runner.num_kv_blocks == 64
+    outputs = pd.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o["token_ids"] for o in outputs] == hf_greedy(llama_path, prompts, GREEDY.max_tokens)
+
+
+def test_pd_decode_preemption_recomputes(qwen3_path):
+    prompts = random_prompts(6, 30, 60, seed=13)
+    params = SamplingParams(temperature=0, max_tokens=80, ignore_eos=True)
+    single = LLM(qwen3_path, **COMMON, num_kv_cache_blocks=128).generate(prompts, params, use_tqdm=False)
+    pd = LLM(qwen3_path, **PD, num_kv_cache_blocks=17, num_prefill_kv_cache_blocks=32)
+    outputs = pd.generate(prompts, params, use_tqdm=False)
+    assert pd.scheduler.num_preemptions > 0
+    assert [o["token_ids"] for o in outputs] == [o["token_ids"] for o in single]
+
+
+def test_kv_transfer_copies_exactly_the_named_blocks(qwen3_path):
+    pd = LLM(qwen3_path, **PD, num_kv_cache_blocks=32, num_prefill_kv_cache_blocks=32)
+    src, dst = pd.prefill_runner, pd.decode_runner
+    with torch.inference_mode():  # the caches are inference tensors
+        src.kv_cache.copy_(torch.randn_like(src.kv_cache))
+        dst.kv_cache.fill_(0.5)
+    pairs = [(3, 10), (4, 11), (5, 12), (9, 0)]  # one run of three, and one single block
+    transfer = src.sync_kv_cache_to(dst, pairs)
+    transfer.wait()
+    assert transfer.num_copies == 2 and transfer.done()
+    for s, d in pairs:
+        assert torch.equal(dst.kv_cache[d], src.kv_cache[s])
+    untouched = [b for b in range(32) if b not in {d for _, d in pairs}]
+    assert (dst.kv_cache[untouched] == 0.5).all()
+
+
+def test_pd_finishes_requests_that_end_at_prefill(qwen3_path):
+    pd = LLM(qwen3_path, **PD, num_kv_cache_blocks=32, num_prefill_kv_cache_blocks=32)
+    outputs = pd.generate(random_prompts(4, 5, 30, seed=14), SamplingParams(temperature=0, max_tokens=1),
+                          use_tqdm=False)
+    assert all(len(o["token_ids"]) == 1 for o in outputs)
+    assert pd.stats["kv_copies"] == 0  # nothing left to decode, so nothing was copied
+    assert pd.scheduler.block_manager.num_free_blocks == 32
+
+
+def test_bad_pd_configs(qwen3_path, monkeypatch):
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        LLM(qwen3_path, **PD, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="GPU 5 does not exist"):
+        LLM(qwen3_path, **dict(PD, prefill_device_id=5))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # pretend: the checks run before any GPU use
+    with pytest.raises(ValueError, match="one type"):
+        LLM(qwen3_path, **dict(PD, decode_device_id=0))
+    with pytest.raises(ValueError, match="two different GPUs"):
+        LLM(qwen3_path, **dict(PD, prefill_device_id=1, decode_device_id="cuda:1"))
