@@ -172,8 +172,8 @@ class ModelRunner:
     def launch(self, seqs: list[Sequence], is_prefill: bool) -> "PendingTokens":
         """Start a step without waiting for it: the sampled tokens arrive through the returned handle."""
         with self.on_device():
-            timer = StepTimer(self)
             input_ids, positions, ctx = (self.prepare_prefill if is_prefill else self.prepare_decode)(seqs)
+            timer = StepTimer(self)
             if is_prefill or not self.graphs or len(seqs) > max(self.graphs):
                 hidden = self.model(input_ids, positions, ctx)
             else:
