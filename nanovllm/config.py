@@ -48,8 +48,9 @@ class Config:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.kv_cache_block_size % 16:
-            raise ValueError(f"kv_cache_block_size must be a multiple of 16, got {self.kv_cache_block_size}")
+        block_size = self.kv_cache_block_size
+        if block_size < 16 or block_size & (block_size - 1):
+            raise ValueError(f"kv_cache_block_size must be a power of two >= 16, got {block_size}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.tensor_parallel_size != 1:

@@ -103,3 +103,8 @@ def test_bad_config_values(qwen3_path):
         LLM(qwen3_path, max_num_batched_tokens=16, max_model_len=64)
     with pytest.raises(ValueError, match="too few for one sequence"):
         LLM(qwen3_path, **dict(SMALL, num_kv_cache_blocks=2))
+
+
+def test_block_size_must_be_a_power_of_two(qwen3_path):
+    with pytest.raises(ValueError, match="power of two"):
+        LLM(qwen3_path, **dict(SMALL, kv_cache_block_size=48))
