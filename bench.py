@@ -44,6 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--profile", type=int, default=0, metavar="STEP",
+                   help="profile 10 engine steps from this one and print the top kernels (slows that run)")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one mode, write JSON to --out
     p.add_argument("--out", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -98,6 +100,8 @@ def _run_nanovllm(args, prompts, output_lens, devices) -> dict:
         runner.busy_seconds = 0.0
     llm.stats.update(kv_bytes=0, kv_copies=0, kv_seconds=0.0)
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n) for n in output_lens]
+    if args.profile:
+        _profile_steps(llm, args.profile, 10)
     _synchronize(devices)
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
@@ -113,6 +117,25 @@ def _run_nanovllm(args, prompts, output_lens, devices) -> dict:
                       kv_transfer_gb_s=s["kv_bytes"] / s["kv_seconds"] / 1e9 if s["kv_seconds"] else None,
                       backpressure_stalls=llm.scheduler.num_backpressure_stalls)
     return result
+
+
+def _profile_steps(llm, first: int, count: int):
+    """Wrap llm.step so that steps [first, first + count) run under the torch profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    step, calls = llm.step, [0]
+    profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+
+    def profiled_step():
+        calls[0] += 1
+        if calls[0] == first:
+            profiler.start()
+        outputs = step()
+        if calls[0] == first + count - 1:
+            profiler.stop()
+            print(profiler.key_averages().table(sort_by="device_time_total", row_limit=25), flush=True)
+        return outputs
+
+    llm.step = profiled_step
 
 
 def _run_hf(args, prompts, output_lens, device) -> dict:

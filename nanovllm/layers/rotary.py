@@ -3,6 +3,8 @@ import math
 import torch
 from torch import nn
 
+from nanovllm.utils.compile import compile_on_cuda
+
 
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding (rotate-half form), cos/sin tabled once on the model's device.
@@ -30,9 +32,14 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q: [T, Hq, D], k: [T, Hkv, D]. Like Hugging Face, cos/sin are rounded to the activations' dtype."""
-        cos = self.cos[positions].to(q.dtype).unsqueeze(1)
-        sin = self.sin[positions].to(q.dtype).unsqueeze(1)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        return apply_rotary(q, k, self.cos[positions], self.sin[positions])
+
+
+@compile_on_cuda
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    cos = cos.to(q.dtype).unsqueeze(1)
+    sin = sin.to(q.dtype).unsqueeze(1)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -1,37 +1,51 @@
 import torch
 
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.utils.compile import compile_on_cuda
 
 
 class Sampler:
     """Greedy rows take argmax; the others sample from softmax(logits / T) after top-k and top-p cuts.
 
-    Sampling uses the exponential-race trick (argmax of p / E with E ~ Exp(1)), which draws exactly from p.
-    A request with a seed draws its noise from a generator seeded by (seed, position), so its tokens do
-    not depend on what else is in the batch or on which device runs it.
+    Sampling is the Gumbel-max trick, argmax(logits / T - log E) with E ~ Exp(1), which draws exactly from
+    the softmax without computing it (one fused pass on CUDA). A request with a seed draws its noise
+    from a generator seeded by (seed, position), so its tokens do not depend on what else is in the batch
+    or on which device runs it.
     """
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> torch.Tensor:
-        logits = logits.float()
-        greedy = logits.argmax(dim=-1)
         if all(p.greedy for p in params):
-            return greedy
+            return logits.argmax(dim=-1)
         device = logits.device
-        temperatures = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
-        logits = logits / temperatures.unsqueeze(1)
-        if any(0 < p.top_k < logits.size(1) for p in params):
-            logits = _top_k(logits, [p.top_k if p.top_k > 0 else logits.size(1) for p in params])
-        if any(p.top_p < 1 for p in params):
-            logits = _top_p(logits, torch.tensor([p.top_p for p in params], device=device))
-        probs = torch.softmax(logits, dim=-1)
-        noise = torch.empty_like(probs).exponential_()
+        temperatures = _to_device([p.temperature if not p.greedy else 1.0 for p in params], torch.float32, device)
+        if any(0 < p.top_k < logits.size(1) or p.top_p < 1 for p in params):
+            logits = logits.float() / temperatures.unsqueeze(1)
+            temperatures = torch.ones_like(temperatures)
+            if any(0 < p.top_k < logits.size(1) for p in params):
+                logits = _top_k(logits, [p.top_k if p.top_k > 0 else logits.size(1) for p in params])
+            if any(p.top_p < 1 for p in params):
+                logits = _top_p(logits, _to_device([p.top_p for p in params], torch.float32, device))
+        noise = torch.empty(logits.shape, dtype=torch.float32, device=device).exponential_()
         for i, (p, position) in enumerate(zip(params, positions)):
             if p.seed is not None and not p.greedy:
                 generator = torch.Generator(device).manual_seed(hash((p.seed, position)) & (2**63 - 1))
                 noise[i].exponential_(generator=generator)
-        sampled = (probs / noise).argmax(dim=-1)
-        is_greedy = torch.tensor([p.greedy for p in params], device=device)
-        return torch.where(is_greedy, greedy, sampled)
+        sampled = _gumbel_argmax(logits, temperatures, noise)
+        if not any(p.greedy for p in params):
+            return sampled
+        is_greedy = _to_device([p.greedy for p in params], torch.bool, device)
+        return torch.where(is_greedy, logits.argmax(dim=-1), sampled)
+
+
+@compile_on_cuda
+def _gumbel_argmax(logits: torch.Tensor, temperatures: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    return (logits.float() / temperatures.unsqueeze(1) - noise.log()).argmax(dim=-1)
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 def _top_k(logits: torch.Tensor, ks: list[int]) -> torch.Tensor:
@@ -44,7 +58,7 @@ def _top_k(logits: torch.Tensor, ks: list[int]) -> torch.Tensor:
 def _top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Keep the smallest set of top tokens whose probability reaches top_p (always at least one)."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p.unsqueeze(1)  # mass before this token
+    probs = sorted_logits.softmax(dim=-1)
+    drop = probs.cumsum(dim=-1) - probs >= top_p.unsqueeze(1)  # the mass before this token already suffices
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)

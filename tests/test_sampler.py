@@ -1,0 +1,34 @@
+"""The sampler draws from the right distribution, and its cuts keep the right tokens."""
+import torch
+
+from nanovllm import SamplingParams
+from nanovllm.layers.sampler import Sampler
+
+LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
+
+
+def draw(params: SamplingParams, n: int = 20000) -> torch.Tensor:
+    torch.manual_seed(0)
+    tokens = Sampler()(LOGITS.repeat(n, 1), [params] * n, list(range(n)))
+    return torch.bincount(tokens, minlength=len(LOGITS)).float() / n
+
+
+def test_frequencies_follow_softmax_of_logits_over_temperature():
+    for temperature in (1.0, 0.5):
+        expected = torch.softmax(LOGITS / temperature, dim=0)
+        assert torch.allclose(draw(SamplingParams(temperature=temperature)), expected, atol=0.015)
+
+
+def test_top_k_and_top_p_keep_only_the_top_tokens():
+    assert draw(SamplingParams(temperature=1.0, top_k=2))[2:].sum() == 0
+    probs = torch.softmax(LOGITS, dim=0)  # [0.56, 0.21, 0.13, ...]: 0.7 needs the top two
+    frequencies = draw(SamplingParams(temperature=1.0, top_p=0.7))
+    assert frequencies[2:].sum() == 0
+    assert abs(frequencies[0] - probs[0] / probs[:2].sum()) < 0.015
+
+
+def test_greedy_rows_are_argmax_in_a_mixed_batch():
+    logits = torch.randn(6, 50)
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=1.0)] * 3
+    tokens = Sampler()(logits, params, [0] * 6)
+    assert torch.equal(tokens[::2], logits[::2].argmax(dim=-1))
