@@ -39,6 +39,7 @@ class BlockManager:
         self.free_block_ids: deque[int] = deque(range(num_blocks))
         self.used_block_ids: set[int] = set()
         self.num_cache_hits = 0  # blocks reused from the prefix cache, for tests and stats
+        self.peak_used_blocks = 0
 
     @property
     def num_blocks(self) -> int:
@@ -62,6 +63,7 @@ class BlockManager:
         block.reset()
         self.free_block_ids.remove(block_id)
         self.used_block_ids.add(block_id)
+        self.peak_used_blocks = max(self.peak_used_blocks, len(self.used_block_ids))
         return block
 
     def _deallocate_block(self, block_id: int):

@@ -2,7 +2,8 @@
 
 - "torch": plain PyTorch, slow and exact; the CPU path, and the reference the others are tested against.
 - "triton": CUDA without flash-attn: `varlen_attn` (flash-based, in PyTorch) for prefill and a Triton
-  paged-attention kernel for decode; K/V are written into the cache by a Triton kernel.
+  paged-attention kernel for decode; K/V are written into the cache by a Triton kernel. In float32
+  (which flash kernels lack) prefill falls back to the torch path.
 - "flash": flash-attn's varlen and KV-cache kernels, when the package is installed (needs blocks of a
   multiple of 256 tokens).
 """
@@ -51,7 +52,7 @@ class Attention(nn.Module):
                 return self._flash_prefill(q, k, v, ctx)
             if ctx.prefix_slots is not None:  # part of the context comes from the prefix cache
                 k, v = gather_slots(self.k_cache, ctx.prefix_slots), gather_slots(self.v_cache, ctx.prefix_slots)
-            if self.backend == "torch":
+            if self.backend == "torch" or q.dtype == torch.float32:  # flash kernels have no fp32
                 return prefill_attention_torch(q, k, v, ctx, self.scale)
             return _varlen_attn(q, k, v, ctx.cu_seqlens_q, ctx.cu_seqlens_k, ctx.max_seqlen_q,
                                 ctx.max_seqlen_k, scale=self.scale, window_size=(-1, 0))

@@ -233,7 +233,7 @@ def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=N
     if batch == 0:
         return out
 
-    block_n = block_n or _default_block_n(block_size, head_dim)
+    block_n = block_n or _default_block_n(block_size, head_dim, q.element_size())
     if block_size % block_n:
         raise ValueError(f"block_n {block_n} must divide block_size {block_size}")
     num_splits = _pick_num_splits(num_splits, batch * num_kv_heads,
@@ -276,10 +276,10 @@ def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=N
     return out
 
 
-def _default_block_n(block_size: int, head_dim: int) -> int:
-    # 64 tokens x 128 dims of bf16 is 16 KiB per K (or V) tile: big enough for long, coalesced
-    # reads, small enough that 3 pipeline stages of K and V fit in shared memory.
-    return min(block_size, 64 if head_dim <= 128 else 32)
+def _default_block_n(block_size: int, head_dim: int, itemsize: int = 2) -> int:
+    # 16 KiB per K (or V) tile (64 tokens x 128 dims of bf16): big enough for long, coalesced
+    # reads, small enough that 3 pipeline stages of K and V fit in shared memory (also in fp32).
+    return max(16, min(block_size, triton.next_power_of_2(16384 // (head_dim * itemsize) + 1) // 2))
 
 
 def _pick_num_splits(requested: int | None, programs: int, max_tiles: int,

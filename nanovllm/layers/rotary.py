@@ -30,13 +30,14 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q: [T, Hq, D], k: [T, Hkv, D]. Like Hugging Face, cos/sin are rounded to the activations' dtype."""
-        return apply_rotary(q, k, self.cos[positions], self.sin[positions])
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for each position, looked up once per step and shared by all layers."""
+        return self.cos[positions], self.sin[positions]
 
 
 @compile_on_cuda
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """q: [T, Hq, D], k: [T, Hkv, D]. Like Hugging Face, cos/sin are rounded to the activations' dtype."""
     cos = cos.to(q.dtype).unsqueeze(1)
     sin = sin.to(q.dtype).unsqueeze(1)
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

@@ -11,15 +11,15 @@ from transformers import PretrainedConfig
 
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.linear import MergedLinear
-from nanovllm.layers.norm import RMSNorm
-from nanovllm.layers.rotary import RotaryEmbedding
+from nanovllm.layers.norm import RMSNorm, rms_norm
+from nanovllm.layers.rotary import RotaryEmbedding, apply_rotary
 from nanovllm.utils.compile import compile_on_cuda
 from nanovllm.utils.context import Context
 
 
 class DecoderAttention(nn.Module):
 
-    def __init__(self, config: PretrainedConfig, rotary: RotaryEmbedding):
+    def __init__(self, config: PretrainedConfig):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
@@ -34,17 +34,17 @@ class DecoderAttention(nn.Module):
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        self.rotary = rotary
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, ctx: Context) -> torch.Tensor:
         q, k, v = self.qkv_proj.split(self.qkv_proj(x))
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+            q, k = norm_and_rotate(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, *rope)
+        else:
+            q, k = apply_rotary(q, k, *rope)
         o = self.attn(q, k, v, ctx)
         return self.o_proj(o.flatten(1, -1))
 
@@ -63,6 +63,13 @@ class MLP(nn.Module):
 
 
 @compile_on_cuda
+def norm_and_rotate(q, k, q_weight, k_weight, eps: float, cos, sin):
+    """Qwen3's per-head q/k RMSNorm and the rotary embedding, fused on CUDA."""
+    q, k = rms_norm.__wrapped__(q, q_weight, eps), rms_norm.__wrapped__(k, k_weight, eps)
+    return apply_rotary.__wrapped__(q, k, cos, sin)
+
+
+@compile_on_cuda
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
@@ -70,20 +77,20 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 class DecoderLayer(nn.Module):
 
-    def __init__(self, config: PretrainedConfig, rotary: RotaryEmbedding):
+    def __init__(self, config: PretrainedConfig):
         super().__init__()
-        self.self_attn = DecoderAttention(config, rotary)
+        self.self_attn = DecoderAttention(config)
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None, ctx: Context):
+    def forward(self, rope, h: torch.Tensor, residual: torch.Tensor | None, ctx: Context):
         """Returns (this layer's output, the residual stream before it); their sum is the HF hidden state."""
         if residual is None:
             x, residual = self.input_layernorm(h), h
         else:
             x, residual = self.input_layernorm(h, residual)
-        h = self.self_attn(positions, x, ctx)
+        h = self.self_attn(rope, x, ctx)
         x, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(x), residual
 
@@ -93,15 +100,16 @@ class DecoderModel(nn.Module):
     def __init__(self, config: PretrainedConfig):
         super().__init__()
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        rotary = RotaryEmbedding(head_dim, config.max_position_embeddings, rope_parameters(config))
+        self.rotary = RotaryEmbedding(head_dim, config.max_position_embeddings, rope_parameters(config))
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList([DecoderLayer(config, rotary) for _ in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([DecoderLayer(config) for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Context) -> torch.Tensor:
         h, residual = self.embed_tokens(input_ids), None
+        rope = self.rotary(positions)
         for layer in self.layers:
-            h, residual = layer(positions, h, residual, ctx)
+            h, residual = layer(rope, h, residual, ctx)
         return self.norm(h, residual)[0]
 
 

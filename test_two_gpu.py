@@ -1,0 +1,104 @@
+"""Prefill/decode disaggregation: PD mode must give the same tokens as single-device mode.
+
+    pytest test_two_gpu.py -s        # on a machine with two GPUs; the GPU cases skip (with a reason) otherwise
+
+On CPU the same path runs with "cpu" for both sides: two runners, two KV caches, real copies.
+On two GPUs the model is a random-weight Qwen3-0.6B-shape checkpoint made on the spot (no network).
+"""
+import gc
+import os
+import random
+
+import pytest
+import torch
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.utils.checkpoints import make_random_checkpoint
+
+TWO_GPUS = torch.cuda.device_count() >= 2
+needs_two_gpus = pytest.mark.skipif(not TWO_GPUS, reason=f"needs 2 CUDA GPUs, found {torch.cuda.device_count()}")
+GREEDY = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+
+
+def prompts(n: int, min_len: int, max_len: int, seed: int = 0, vocab: int = 10000) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(rng.randint(min_len, max_len))] for _ in range(n)]
+
+
+def generate(path, batch, params=GREEDY, **options) -> tuple[list[list[int]], LLM]:
+    llm = LLM(path, **options)
+    tokens = [o["token_ids"] for o in llm.generate(batch, params, use_tqdm=False)]
+    return tokens, llm
+
+
+def release(llm):
+    """Free an engine's GPU memory: the next one sizes its KV cache from what is free."""
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def test_pd_on_cpu_matches_single_device(tmp_path):
+    path = make_random_checkpoint(str(tmp_path / "m"), "qwen3-tiny", initializer_range=0.3)
+    batch = prompts(10, 5, 80, vocab=500)
+    small = dict(kv_cache_block_size=16, max_model_len=256, max_num_batched_tokens=256)
+    single, _ = generate(path, batch, **small, num_kv_cache_blocks=128)
+    pd, llm = generate(path, batch, **small, enable_two_gpu_pd=True, prefill_device_id="cpu",
+                       decode_device_id="cpu", num_kv_cache_blocks=24, num_prefill_kv_cache_blocks=24)
+    assert pd == single
+    assert llm.scheduler.num_backpressure_stalls > 0
+
+
+@pytest.fixture(scope="module")
+def qwen3_06b():
+    return make_random_checkpoint(os.path.expanduser("~/.cache/nanovllm/random-qwen3-0.6b"), "qwen3-0.6b")
+
+
+PD_GPUS = dict(enable_two_gpu_pd=True, prefill_device_id=0, decode_device_id=1, max_model_len=2048)
+
+
+@needs_two_gpus
+def test_pd_matches_single_gpu_bf16(qwen3_06b):
+    # One prefill batch, then all decode together: both modes run the same batches, so even bf16
+    # rounding is the same and the tokens must be identical.
+    batch = prompts(24, 20, 600, seed=1)
+    single, llm = generate(qwen3_06b, batch, max_model_len=2048)
+    release(llm)
+    pd, llm = generate(qwen3_06b, batch, **PD_GPUS)
+    assert llm.prefill_runner.kv_cache.device == torch.device("cuda:0")
+    assert llm.decode_runner.kv_cache.device == torch.device("cuda:1")
+    release(llm)
+    assert pd == single
+
+
+@needs_two_gpus
+def test_pd_under_back_pressure_and_preemption_fp32(qwen3_06b):
+    # Many requests, a decode side of 24 blocks (6144 tokens): admission waits, decode preempts.
+    # Batches differ between the modes here, so compare in fp32, where rounding cannot flip a token.
+    batch = prompts(48, 100, 800, seed=2)
+    params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+    single, llm = generate(qwen3_06b, batch, params, dtype="float32", max_model_len=2048)
+    release(llm)
+    pd, llm = generate(qwen3_06b, batch, params, dtype="float32", num_kv_cache_blocks=24, **PD_GPUS)
+    s = llm.scheduler
+    print(f"\nback-pressure stalls {s.num_backpressure_stalls}, preemptions {s.num_preemptions}, "
+          f"prefill-side peak blocks {s.prefill_block_manager.peak_used_blocks} of "
+          f"{s.prefill_block_manager.num_blocks}, KV moved {llm.stats['kv_bytes'] / 1e9:.2f} GB in "
+          f"{llm.stats['kv_copies']} copies")
+    assert pd == single
+    assert s.num_backpressure_stalls > 0 and s.num_preemptions > 0
+    prompt_blocks = sum(-(-len(p) // 256) for p in batch)
+    assert s.prefill_block_manager.peak_used_blocks < prompt_blocks  # it never held every prompt at once
+    assert s.prefill_block_manager.num_free_blocks == s.prefill_block_manager.num_blocks
+    assert s.block_manager.num_free_blocks == s.block_manager.num_blocks
+    release(llm)
+
+
+@needs_two_gpus
+def test_bad_gpu_configs(qwen3_06b):
+    with pytest.raises(ValueError, match="two different GPUs"):
+        LLM(qwen3_06b, **dict(PD_GPUS, decode_device_id="cuda:0"))
+    with pytest.raises(ValueError, match="does not exist"):
+        LLM(qwen3_06b, **dict(PD_GPUS, decode_device_id=torch.cuda.device_count()))
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        LLM(qwen3_06b, **PD_GPUS, tensor_parallel_size=2)
