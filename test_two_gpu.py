@@ -42,7 +42,7 @@ def test_pd_on_cpu_matches_single_device(tmp_path):
     path = make_random_checkpoint(str(tmp_path / "m"), "qwen3-tiny", initializer_range=0.3)
     batch = prompts(10, 5, 80, vocab=500)
     small = dict(kv_cache_block_size=16, max_model_len=256, max_num_batched_tokens=256)
-    single, _ = generate(path, batch, **small, num_kv_cache_blocks=128)
+    single, _ = generate(path, batch, **small, device="cpu", num_kv_cache_blocks=128)
     pd, llm = generate(path, batch, **small, enable_two_gpu_pd=True, prefill_device_id="cpu",
                        decode_device_id="cpu", num_kv_cache_blocks=24, num_prefill_kv_cache_blocks=24)
     assert pd == single

@@ -213,7 +213,7 @@ class LLMEngine:
                 if out.finished:
                     results[out.request_id] = out
                     progress.update(1)
-            progress.set_postfix(tok_per_s=f"{tokens / (time.perf_counter() - start):.0f}")
+            progress.set_postfix(tok_per_s=f"{tokens / (time.perf_counter() - start):.0f}", refresh=False)
         progress.close()
         return [self._result(results[i]) for i in request_ids]
 
