@@ -25,28 +25,29 @@ def prompts(n: int, min_len: int, max_len: int, seed: int = 0, vocab: int = 1000
     return [[rng.randrange(vocab) for _ in range(rng.randint(min_len, max_len))] for _ in range(n)]
 
 
-def generate(path, batch, params=GREEDY, **options) -> tuple[list[list[int]], LLM]:
+def generate(path, batch, params=GREEDY, inspect=lambda llm: None, **options) -> list[list[int]]:
+    """Greedy tokens from a fresh engine (`inspect` sees it afterwards), then its GPU memory is freed:
+    the next engine sizes its KV cache from what is free."""
     llm = LLM(path, **options)
     tokens = [o["token_ids"] for o in llm.generate(batch, params, use_tqdm=False)]
-    return tokens, llm
-
-
-def release(llm):
-    """Free an engine's GPU memory: the next one sizes its KV cache from what is free."""
+    inspect(llm)
     del llm
     gc.collect()
     torch.cuda.empty_cache()
+    return tokens
 
 
 def test_pd_on_cpu_matches_single_device(tmp_path):
     path = make_random_checkpoint(str(tmp_path / "m"), "qwen3-tiny", initializer_range=0.3)
     batch = prompts(10, 5, 80, vocab=500)
     small = dict(kv_cache_block_size=16, max_model_len=256, max_num_batched_tokens=256)
-    single, _ = generate(path, batch, **small, device="cpu", num_kv_cache_blocks=128)
-    pd, llm = generate(path, batch, **small, enable_two_gpu_pd=True, prefill_device_id="cpu",
-                       decode_device_id="cpu", num_kv_cache_blocks=24, num_prefill_kv_cache_blocks=24)
+    single = generate(path, batch, **small, device="cpu", num_kv_cache_blocks=128)
+    stalls = []
+    pd = generate(path, batch, **small, enable_two_gpu_pd=True, prefill_device_id="cpu", decode_device_id="cpu",
+                  num_kv_cache_blocks=24, num_prefill_kv_cache_blocks=24,
+                  inspect=lambda llm: stalls.append(llm.scheduler.num_backpressure_stalls))
     assert pd == single
-    assert llm.scheduler.num_backpressure_stalls > 0
+    assert stalls[0] > 0
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +63,11 @@ def test_pd_matches_single_gpu_bf16(qwen3_06b):
     # One prefill batch, then all decode together: both modes run the same batches, so even bf16
     # rounding is the same and the tokens must be identical.
     batch = prompts(24, 20, 600, seed=1)
-    single, llm = generate(qwen3_06b, batch, max_model_len=2048)
-    release(llm)
-    pd, llm = generate(qwen3_06b, batch, **PD_GPUS)
-    assert llm.prefill_runner.kv_cache.device == torch.device("cuda:0")
-    assert llm.decode_runner.kv_cache.device == torch.device("cuda:1")
-    release(llm)
+    single = generate(qwen3_06b, batch, max_model_len=2048)
+    devices = []
+    pd = generate(qwen3_06b, batch, **PD_GPUS, inspect=lambda llm: devices.extend(
+        [llm.prefill_runner.kv_cache.device, llm.decode_runner.kv_cache.device]))
+    assert devices == [torch.device("cuda:0"), torch.device("cuda:1")]
     assert pd == single
 
 
@@ -77,21 +77,21 @@ def test_pd_under_back_pressure_and_preemption_fp32(qwen3_06b):
     # Batches differ between the modes here, so compare in fp32, where rounding cannot flip a token.
     batch = prompts(48, 100, 800, seed=2)
     params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
-    single, llm = generate(qwen3_06b, batch, params, dtype="float32", max_model_len=2048)
-    release(llm)
-    pd, llm = generate(qwen3_06b, batch, params, dtype="float32", num_kv_cache_blocks=24, **PD_GPUS)
-    s = llm.scheduler
+    single = generate(qwen3_06b, batch, params, dtype="float32", max_model_len=2048)
+    engines = []
+    pd = generate(qwen3_06b, batch, params, dtype="float32", num_kv_cache_blocks=24, **PD_GPUS,
+                  inspect=lambda llm: engines.append((llm.scheduler, llm.stats)))
+    s, stats = engines[0]
     print(f"\nback-pressure stalls {s.num_backpressure_stalls}, preemptions {s.num_preemptions}, "
           f"prefill-side peak blocks {s.prefill_block_manager.peak_used_blocks} of "
-          f"{s.prefill_block_manager.num_blocks}, KV moved {llm.stats['kv_bytes'] / 1e9:.2f} GB in "
-          f"{llm.stats['kv_copies']} copies")
+          f"{s.prefill_block_manager.num_blocks}, KV moved {stats['kv_bytes'] / 1e9:.2f} GB in "
+          f"{stats['kv_copies']} copies")
     assert pd == single
     assert s.num_backpressure_stalls > 0 and s.num_preemptions > 0
     prompt_blocks = sum(-(-len(p) // 256) for p in batch)
     assert s.prefill_block_manager.peak_used_blocks < prompt_blocks  # it never held every prompt at once
     assert s.prefill_block_manager.num_free_blocks == s.prefill_block_manager.num_blocks
     assert s.block_manager.num_free_blocks == s.block_manager.num_blocks
-    release(llm)
 
 
 @needs_two_gpus
