@@ -204,13 +204,16 @@ class ModelRunner:
         v = {k: t.to(self.device) for k, t in v.items()}
         self.graph_vars = v
         pool = None
+        # torch.cuda.graph's default capture stream is created once per process, on whichever device
+        # was current then: a second runner on another GPU must bring its own.
+        stream = torch.cuda.Stream(self.device)
         start = time.perf_counter()
         for bs in reversed(sizes):
             ctx = Context(is_prefill=False, slot_mapping=v["slot_mapping"][:bs], context_lens=v["context_lens"][:bs],
                           block_tables=v["block_tables"][:bs])
             v["outputs"][:bs] = self.model(v["input_ids"][:bs], v["positions"][:bs], ctx)  # warm-up
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool):
+            with torch.cuda.graph(graph, pool, stream=stream):
                 v["outputs"][:bs] = self.model(v["input_ids"][:bs], v["positions"][:bs], ctx)
             pool = pool or graph.pool()
             self.graphs[bs] = graph
