@@ -110,13 +110,20 @@ def _run_nanovllm(args, prompts, output_lens, devices) -> dict:
     assert [len(o["token_ids"]) for o in outputs] == output_lens
     result = dict(seconds=seconds, kv_capacity_tokens={f"{r.role} {r.device}": r.kv_capacity_tokens for r in runners},
                   busy_fraction={f"{r.role} {r.device}": r.busy_seconds / seconds for r in runners},
-                  preemptions=llm.scheduler.num_preemptions)
+                  preemptions=llm.scheduler.num_preemptions,
+                  peak_kv_blocks_used={f"{r.role} {r.device}": bm.peak_used_blocks for r, bm in
+                                       zip(runners, _block_managers(llm))})
     if args.worker == "pd":
         s = llm.stats
         result.update(kv_transfer_gb=s["kv_bytes"] / 1e9, kv_copies=s["kv_copies"],
                       kv_transfer_gb_s=s["kv_bytes"] / s["kv_seconds"] / 1e9 if s["kv_seconds"] else None,
                       backpressure_stalls=llm.scheduler.num_backpressure_stalls)
     return result
+
+
+def _block_managers(llm) -> list:
+    s = llm.scheduler
+    return [s.prefill_block_manager, s.block_manager] if s.pd else [s.block_manager]
 
 
 def _profile_steps(llm, first: int, count: int):
@@ -296,7 +303,8 @@ def print_report(report: dict):
         print(f"{res['mode']:<7}{res['requests']:>6}{res['input_tokens']:>9}{res['output_tokens']:>9}"
               f"{res['seconds']:>9.2f}{res['output_tok_s']:>11.0f}{res['total_tok_s']:>11.0f}{fraction:>10.1%}  {mem}")
     for res in report["results"]:
-        extra = {k: v for k, v in res.items() if k in ("kv_capacity_tokens", "busy_fraction", "preemptions",
+        extra = {k: v for k, v in res.items() if k in ("kv_capacity_tokens", "peak_kv_blocks_used",
+                                                     "busy_fraction", "preemptions",
                                                      "kv_transfer_gb", "kv_copies", "kv_transfer_gb_s",
                                                      "backpressure_stalls", "generated_tokens")}
         print(f"{res['mode']}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in extra.items()))

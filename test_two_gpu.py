@@ -58,17 +58,37 @@ def qwen3_06b():
 PD_GPUS = dict(enable_two_gpu_pd=True, prefill_device_id=0, decode_device_id=1, max_model_len=2048)
 
 
+def near_tie_gaps(path, batch, a, b) -> list[float]:
+    """Where two greedy runs part ways, how far apart transformers' logits of the two tokens are."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda()
+    gaps = []
+    with torch.no_grad():
+        for prompt, x, y in zip(batch, a, b):
+            n = next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), None)
+            if n is not None:
+                logits = model(torch.tensor([prompt + x[:n]], device="cuda")).logits[0, -1].float()
+                gaps.append(abs(float(logits[x[n]] - logits[y[n]])))
+    return gaps
+
+
 @needs_two_gpus
 def test_pd_matches_single_gpu_bf16(qwen3_06b):
-    # One prefill batch, then all decode together: both modes run the same batches, so even bf16
-    # rounding is the same and the tokens must be identical.
+    # bf16 kernels may round differently on the two paths (e.g. torch.compile picks reduction
+    # configs per device from the first shape it sees), which can flip a near-tie: any divergence
+    # must be one, judged by transformers' logits (the same bound as tests/test_gpu.py).
     batch = prompts(24, 20, 600, seed=1)
     single = generate(qwen3_06b, batch, max_model_len=2048)
     devices = []
     pd = generate(qwen3_06b, batch, **PD_GPUS, inspect=lambda llm: devices.extend(
         [llm.prefill_runner.kv_cache.device, llm.decode_runner.kv_cache.device]))
     assert devices == [torch.device("cuda:0"), torch.device("cuda:1")]
-    assert pd == single
+    matched = sum(next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), len(x)) for x, y in zip(pd, single))
+    gaps = near_tie_gaps(qwen3_06b, batch, pd, single)
+    print(f"\nbf16 PD vs single: {sum(x == y for x, y in zip(pd, single))}/{len(batch)} sequences identical, "
+          f"{matched}/{sum(map(len, pd))} tokens before the first divergence; logit gaps there: "
+          f"{[round(g, 4) for g in gaps]}")
+    assert all(g <= 0.1 for g in gaps)
 
 
 @needs_two_gpus
