@@ -115,7 +115,9 @@ class LLMEngine:
             return self._step_pd()
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
-            return []
+            if self.is_finished():
+                return []
+            raise RuntimeError("the scheduler could schedule nothing although requests are pending")  # a bug
         token_ids = self.model_runner.run(seqs, is_prefill)
         self._count(seqs, is_prefill)
         return self._postprocess(seqs, token_ids)
