@@ -152,7 +152,7 @@ class LLMEngine:
         token_ids = pending.get()
         self._count(seqs, is_prefill=True)
         outputs = self._postprocess(seqs, token_ids)
-        moving = [seq for seq in seqs if not seq.is_finished]
+        moving = self.scheduler.get_prefilled_sequences()
         if moving:
             kv_transfer = self.prefill_runner.sync_kv_cache_to(self.decode_runner,
                                                                self.scheduler.transfer_pairs(moving))

@@ -42,6 +42,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()  # decoding (PD: on the decode device)
         self.num_in_prefill = 0  # PD: admitted, not yet decoding (being prefilled or in transit)
+        self.prefilled: list[Sequence] = []  # PD: prefill done, KV still on the prefill device
         self.num_preemptions = 0
         self.num_backpressure_stalls = 0  # PD: steps in which admission waited for decode-side blocks
 
@@ -121,6 +122,8 @@ class Scheduler:
             if self._check_finished(seq):
                 finished.append(seq)
                 self._free(seq)
+            elif self.pd and seq.decode_block_table:
+                self.prefilled.append(seq)
         return finished
 
     def _check_finished(self, seq: Sequence) -> bool:
@@ -147,6 +150,12 @@ class Scheduler:
             self.block_manager.deallocate(seq)
 
     # ---- PD mode: hand-over from the prefill device to the decode device ----
+
+    def get_prefilled_sequences(self) -> list[Sequence]:
+        """Sequences whose prefill finished since the last call and that go on decoding: their KV is to be
+        copied to the decode device (see transfer_pairs), then finish_transfer hands them over."""
+        seqs, self.prefilled = self.prefilled, []
+        return seqs
 
     def transfer_pairs(self, seqs: list[Sequence]) -> list[tuple[int, int]]:
         """(prefill block, decode block) pairs to copy for prefilled sequences that go on decoding."""
