@@ -115,9 +115,8 @@ class LLMEngine:
             return self._step_pd()
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
-            if self.is_finished():
-                return []
-            raise RuntimeError("the scheduler could schedule nothing although requests are pending")  # a bug
+            self._check_not_stalled()
+            return []
         token_ids = self.model_runner.run(seqs, is_prefill)
         self._count(seqs, is_prefill)
         return self._postprocess(seqs, token_ids)
@@ -144,7 +143,14 @@ class LLMEngine:
             token_ids = self.decode_runner.run(seqs, is_prefill=False)
             self._count(seqs, is_prefill=False)
             outputs += self._postprocess(seqs, token_ids)
+        elif not outputs and not self.prefill_in_flight and not self.transfers:
+            self._check_not_stalled()
         return outputs
+
+    def _check_not_stalled(self):
+        """Nothing ran and nothing is in flight: unless every request is done, that is a bug, not a wait."""
+        if not self.is_finished():
+            raise RuntimeError("the scheduler could schedule nothing although requests are pending")
 
     def _finish_prefill(self) -> list[StepOutput]:
         seqs, pending = self.prefill_in_flight
