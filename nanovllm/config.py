@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-# HF architectures name -> whether the model has per-head q/k RMSNorm (Qwen3) and q/k/v bias (Qwen2).
+# Checkpoint architectures that models/decoder.py implements.
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
 REQUIRED_CONFIG_FIELDS = ("architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
                           "num_attention_heads", "vocab_size", "rms_norm_eps")

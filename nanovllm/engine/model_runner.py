@@ -10,7 +10,7 @@ from nanovllm.layers.attention import select_backend
 from nanovllm.layers.sampler import Sampler
 from nanovllm.models.decoder import DecoderForCausalLM
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.utils.context import Context
+from nanovllm.utils.context import Context, to_device
 from nanovllm.utils.loader import load_model
 
 logger = logging.getLogger("nanovllm")
@@ -116,9 +116,7 @@ class ModelRunner:
     # ---- inputs ----
 
     def _tensor(self, data, dtype) -> torch.Tensor:
-        if not self.is_cuda:
-            return torch.tensor(data, dtype=dtype)
-        return torch.tensor(data, dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)
+        return to_device(data, dtype, self.device)
 
     def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
         width = max(len(seq.block_table) for seq in seqs)
@@ -195,14 +193,13 @@ class ModelRunner:
         max_bs = sizes[-1]
         max_blocks = -(-self.config.max_model_len // self.block_size)
         hidden_size = self.config.hf_config.hidden_size
-        v = self.graph_vars = dict(
-            input_ids=torch.zeros(max_bs, dtype=torch.int64), positions=torch.zeros(max_bs, dtype=torch.int64),
-            slot_mapping=torch.full((max_bs,), -1, dtype=torch.int32),
-            context_lens=torch.zeros(max_bs, dtype=torch.int32),
-            block_tables=torch.zeros(max_bs, max_blocks, dtype=torch.int32),
-            outputs=torch.zeros(max_bs, hidden_size, dtype=self.config.dtype))
-        v = {k: t.to(self.device) for k, t in v.items()}
-        self.graph_vars = v
+        with torch.device(self.device):
+            v = self.graph_vars = dict(
+                input_ids=torch.zeros(max_bs, dtype=torch.int64), positions=torch.zeros(max_bs, dtype=torch.int64),
+                slot_mapping=torch.full((max_bs,), -1, dtype=torch.int32),
+                context_lens=torch.zeros(max_bs, dtype=torch.int32),
+                block_tables=torch.zeros(max_bs, max_blocks, dtype=torch.int32),
+                outputs=torch.zeros(max_bs, hidden_size, dtype=self.config.dtype))
         pool = None
         # torch.cuda.graph's default capture stream is created once per process, on whichever device
         # was current then: a second runner on another GPU must bring its own.

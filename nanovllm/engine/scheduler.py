@@ -164,9 +164,7 @@ class Scheduler:
     def finish_transfer(self, seqs: list[Sequence]):
         """The KV of `seqs` is on the decode device: release prefill-side blocks and start decoding."""
         for seq in seqs:
-            num_cached_tokens = seq.num_cached_tokens
             self.prefill_block_manager.deallocate(seq)
-            seq.num_cached_tokens = num_cached_tokens
             seq.block_table, seq.decode_block_table = seq.decode_block_table, []
             self.num_in_prefill -= 1
             self.running.append(seq)

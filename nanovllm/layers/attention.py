@@ -7,6 +7,7 @@
 - "flash": flash-attn's varlen and KV-cache kernels, when the package is installed (needs blocks of a
   multiple of 256 tokens).
 """
+import functools
 import inspect
 import logging
 
@@ -82,10 +83,15 @@ def _triton():
 
 
 def _varlen_attn(q, k, v, *args, **kwargs):
+    varlen_attn, gqa_flag = _varlen_attn_fn()
+    return varlen_attn(q, k, v, *args, **kwargs, **gqa_flag)
+
+
+@functools.cache
+def _varlen_attn_fn():
     from torch.nn.attention.varlen import varlen_attn
-    if "enable_gqa" in inspect.signature(varlen_attn).parameters:  # torch >= 2.12 asks for it
-        kwargs["enable_gqa"] = True
-    return varlen_attn(q, k, v, *args, **kwargs)
+    takes_flag = "enable_gqa" in inspect.signature(varlen_attn).parameters  # torch >= 2.12 asks for it
+    return varlen_attn, {"enable_gqa": True} if takes_flag else {}
 
 
 def gather_slots(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@ import torch
 
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.compile import compile_on_cuda
+from nanovllm.utils.context import to_device
 
 
 class Sampler:
@@ -17,14 +18,14 @@ class Sampler:
         if all(p.greedy for p in params):
             return logits.argmax(dim=-1)
         device = logits.device
-        temperatures = _to_device([p.temperature if not p.greedy else 1.0 for p in params], torch.float32, device)
+        temperatures = to_device([p.temperature if not p.greedy else 1.0 for p in params], torch.float32, device)
         if any(0 < p.top_k < logits.size(1) or p.top_p < 1 for p in params):
             logits = logits.float() / temperatures.unsqueeze(1)
             temperatures = torch.ones_like(temperatures)
             if any(0 < p.top_k < logits.size(1) for p in params):
                 logits = _top_k(logits, [p.top_k if p.top_k > 0 else logits.size(1) for p in params])
             if any(p.top_p < 1 for p in params):
-                logits = _top_p(logits, _to_device([p.top_p for p in params], torch.float32, device))
+                logits = _top_p(logits, to_device([p.top_p for p in params], torch.float32, device))
         noise = torch.empty(logits.shape, dtype=torch.float32, device=device).exponential_()
         for i, (p, position) in enumerate(zip(params, positions)):
             if p.seed is not None and not p.greedy:
@@ -33,19 +34,13 @@ class Sampler:
         sampled = _gumbel_argmax(logits, temperatures, noise)
         if not any(p.greedy for p in params):
             return sampled
-        is_greedy = _to_device([p.greedy for p in params], torch.bool, device)
+        is_greedy = to_device([p.greedy for p in params], torch.bool, device)
         return torch.where(is_greedy, logits.argmax(dim=-1), sampled)
 
 
 @compile_on_cuda
 def _gumbel_argmax(logits: torch.Tensor, temperatures: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return (logits.float() / temperatures.unsqueeze(1) - noise.log()).argmax(dim=-1)
-
-
-def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    if device.type != "cuda":
-        return torch.tensor(values, dtype=dtype)
-    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 def _top_k(logits: torch.Tensor, ks: list[int]) -> torch.Tensor:

@@ -3,6 +3,13 @@ from dataclasses import dataclass
 import torch
 
 
+def to_device(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a tensor on `device`; on CUDA through pinned memory, without blocking the host."""
+    if device.type != "cuda":
+        return torch.tensor(data, dtype=dtype)
+    return torch.tensor(data, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
 @dataclass
 class Context:
     """Per-step attention metadata, passed explicitly through the model (two runners share a process)."""
