@@ -103,15 +103,15 @@ def test_pd_under_back_pressure_and_preemption_fp32(qwen3_06b):
                   inspect=lambda llm: engines.append((llm.scheduler, llm.stats)))
     s, stats = engines[0]
     print(f"\nback-pressure stalls {s.num_backpressure_stalls}, preemptions {s.num_preemptions}, "
-          f"prefill-side peak blocks {s.prefill_block_manager.peak_used_blocks} of "
-          f"{s.prefill_block_manager.num_blocks}, KV moved {stats['kv_bytes'] / 1e9:.2f} GB in "
+          f"prefill-side peak blocks {s.block_managers[0].peak_used_blocks} of "
+          f"{s.block_managers[0].num_blocks}, KV moved {stats['kv_bytes'] / 1e9:.2f} GB in "
           f"{stats['kv_copies']} copies")
     assert pd == single
     assert s.num_backpressure_stalls > 0 and s.num_preemptions > 0
     prompt_blocks = sum(-(-len(p) // 256) for p in batch)
-    assert s.prefill_block_manager.peak_used_blocks < prompt_blocks  # it never held every prompt at once
-    assert s.prefill_block_manager.num_free_blocks == s.prefill_block_manager.num_blocks
-    assert s.block_manager.num_free_blocks == s.block_manager.num_blocks
+    assert s.block_managers[0].peak_used_blocks < prompt_blocks  # it never held every prompt at once
+    assert s.block_managers[0].num_free_blocks == s.block_managers[0].num_blocks
+    assert s.block_managers[1].num_free_blocks == s.block_managers[1].num_blocks
 
 
 @needs_two_gpus

@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -9,6 +10,7 @@ from transformers import AutoConfig, PretrainedConfig
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
 REQUIRED_CONFIG_FIELDS = ("architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
                           "num_attention_heads", "vocab_size", "rms_norm_eps")
+logger = logging.getLogger("nanovllm")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -27,20 +29,25 @@ class Config:
     tensor_parallel_size: int = 1
     device: str | None = None  # "cuda", "cuda:N" or "cpu"; default cuda when available
     dtype: str | torch.dtype | None = None  # default bfloat16 on CUDA, float32 on CPU
+    chunked_prefill_tokens: int = 2048  # prompt tokens a step may prefill beside decodes; 0: prefill steps run alone
     enable_two_gpu_pd: bool = False
     prefill_device_id: int | str = 0
     decode_device_id: int | str = 1
+    pd_policy: str = "adaptive"  # "adaptive": both GPUs decode, placement follows load; "static": M1's strict split
+    pd_fallback: str = "error"  # PD impossible as asked: "error", "single" (one device), "host" (KV via host memory)
     hf_config: PretrainedConfig | None = field(default=None, repr=False)
-    eos: int = -1
+    eos_token_ids: tuple[int, ...] = ()  # filled in by the engine from the checkpoint
+    kv_via_host: bool = field(default=False, init=False)  # PD without peer access: stage KV copies in host memory
 
     def __post_init__(self):
         self._check_limits()
         self._resolve_devices()
         self.hf_config = load_hf_config(self.model)
         self.max_model_len = min(self.max_model_len, self.hf_config.max_position_embeddings)
-        if self.max_num_batched_tokens < self.max_model_len:
+        if not self.chunked_prefill_tokens and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_model_len "
-                             f"({self.max_model_len}): a prompt is prefilled in one step")
+                             f"({self.max_model_len}) when chunked_prefill_tokens is 0: a prompt is then "
+                             f"prefilled in one step")
         self.dtype = self._resolve_dtype()
 
     def _check_limits(self):
@@ -51,6 +58,12 @@ class Config:
         block_size = self.kv_cache_block_size
         if block_size < 16 or block_size & (block_size - 1):
             raise ValueError(f"kv_cache_block_size must be a power of two >= 16, got {block_size}")
+        if not isinstance(self.chunked_prefill_tokens, int) or self.chunked_prefill_tokens < 0:
+            raise ValueError(f"chunked_prefill_tokens must be an int >= 0, got {self.chunked_prefill_tokens!r}")
+        if self.pd_policy not in ("adaptive", "static"):
+            raise ValueError(f"pd_policy must be 'adaptive' or 'static', got {self.pd_policy!r}")
+        if self.pd_fallback not in ("error", "single", "host"):
+            raise ValueError(f"pd_fallback must be 'error', 'single' or 'host', got {self.pd_fallback!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.tensor_parallel_size != 1:
@@ -61,14 +74,30 @@ class Config:
             raise ValueError(f"model directory not found: {self.model!r}")
 
     def _resolve_devices(self):
+        if self.enable_two_gpu_pd:
+            try:
+                self._resolve_pd_devices()
+            except ValueError as e:
+                if self.pd_fallback != "single":
+                    raise
+                logger.warning(f"PD mode is not possible here ({e}); pd_fallback='single': running on one device")
+                self.enable_two_gpu_pd = False
+                self.device = self.prefill_device_id if _exists(self.prefill_device_id) else None
         if not self.enable_two_gpu_pd:
             self.device = str(resolve_device(self.device))
-            return
+
+    def _resolve_pd_devices(self):
         prefill, decode = resolve_device(self.prefill_device_id), resolve_device(self.decode_device_id)
         if prefill.type != decode.type:
             raise ValueError(f"prefill and decode devices must be of one type, got {prefill} and {decode}")
         if prefill.type == "cuda" and prefill == decode:
             raise ValueError(f"enable_two_gpu_pd needs two different GPUs, got {prefill} twice")
+        if prefill.type == "cuda" and not torch.cuda.can_device_access_peer(prefill.index, decode.index):
+            if self.pd_fallback != "host":
+                raise ValueError(f"{prefill} and {decode} have no peer access (no NVLink or P2P over PCIe), so KV "
+                                 f"copies between them would crawl; pass pd_fallback='host' to copy through pinned "
+                                 f"host memory, or 'single' to use one GPU")
+            self.kv_via_host = True
         self.prefill_device_id, self.decode_device_id = str(prefill), str(decode)
         self.device = str(decode)
 
@@ -80,6 +109,14 @@ class Config:
         if self.dtype in DTYPES:
             return DTYPES[self.dtype]
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+
+
+def _exists(spec) -> bool:
+    try:
+        resolve_device(spec)
+        return True
+    except ValueError:
+        return False
 
 
 def resolve_device(spec: int | str | torch.device | None) -> torch.device:

@@ -24,9 +24,9 @@ def test_prefix_cache_hit_matches_transformers(qwen3_path):
     prompts = [shared + tail for tail in ([7, 8, 9], [10], [11, 12, 13, 14, 15])]
     llm = LLM(qwen3_path, **SMALL)
     first = llm.generate(prompts[:1], GREEDY, use_tqdm=False)
-    hits_before = llm.scheduler.block_manager.num_cache_hits
+    hits_before = llm.scheduler.block_managers[0].num_cache_hits
     rest = llm.generate(prompts[1:], GREEDY, use_tqdm=False)
-    assert llm.scheduler.block_manager.num_cache_hits - hits_before == 2 * 3  # both reuse all 3 blocks
+    assert llm.scheduler.block_managers[0].num_cache_hits - hits_before == 2 * 3  # both reuse all 3 blocks
     assert [o["token_ids"] for o in first + rest] == hf_greedy(qwen3_path, prompts, GREEDY.max_tokens)
 
 
@@ -38,7 +38,7 @@ def test_preemption_gives_the_same_tokens(qwen3_path):
     outputs = tight.generate(prompts, params, use_tqdm=False)
     assert tight.scheduler.num_preemptions > 0
     assert [o["token_ids"] for o in outputs] == [o["token_ids"] for o in roomy]
-    assert tight.scheduler.block_manager.num_free_blocks == 20  # everything released
+    assert tight.scheduler.block_managers[0].num_free_blocks == 20  # everything released
 
 
 def test_text_prompts_and_outputs(qwen3_path):
@@ -80,7 +80,7 @@ def test_stop_string_and_eos(qwen3_path):
     assert cut["finish_reason"] == "stop" and stop not in cut["text"]
     assert full["text"].startswith(cut["text"]) and len(cut["token_ids"]) < 24
     eos = full["token_ids"][3]  # pretend the 4th token is EOS: generation must stop there
-    llm.scheduler.eos = eos
+    llm.scheduler.eos_token_ids = {eos}
     [short] = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
     assert short["token_ids"] == full["token_ids"][:full["token_ids"].index(eos) + 1]
     assert short["finish_reason"] == "stop"

@@ -4,6 +4,7 @@ import torch
 
 from conftest import hf_greedy, random_prompts
 from nanovllm import LLM, SamplingParams
+from nanovllm.engine.kv_transfer import KVTransfer
 
 GREEDY = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
 COMMON = dict(kv_cache_block_size=16, max_model_len=256, max_num_batched_tokens=256)
@@ -20,8 +21,8 @@ def test_pd_matches_single_device_under_back_pressure(qwen3_path):
     assert [o["token_ids"] for o in outputs] == [o["token_ids"] for o in single]
     s = pd.scheduler
     assert s.num_backpressure_stalls > 0
-    assert s.prefill_block_manager.num_cache_hits >= 2  # the shared 40-token prefix: 2 full blocks
-    assert s.block_manager.num_free_blocks == 20 and s.prefill_block_manager.num_free_blocks == 40
+    assert s.block_managers[0].num_cache_hits >= 2  # the shared 40-token prefix: 2 full blocks
+    assert s.block_managers[1].num_free_blocks == 20 and s.block_managers[0].num_free_blocks == 40
     assert pd.stats["kv_copies"] > 0 and pd.stats["kv_bytes"] > 0
 
 
@@ -51,7 +52,7 @@ def test_kv_transfer_copies_exactly_the_named_blocks(qwen3_path):
         src.kv_cache.copy_(torch.randn_like(src.kv_cache))
         dst.kv_cache.fill_(0.5)
     pairs = [(3, 10), (4, 11), (5, 12), (9, 0)]  # one run of three, and one single block
-    transfer = src.sync_kv_cache_to(dst, pairs)
+    transfer = KVTransfer(src.kv_cache, dst.kv_cache, pairs)
     transfer.wait()
     assert transfer.num_copies == 2 and transfer.done()
     for s, d in pairs:
@@ -66,7 +67,7 @@ def test_pd_finishes_requests_that_end_at_prefill(qwen3_path):
                           use_tqdm=False)
     assert all(len(o["token_ids"]) == 1 for o in outputs)
     assert pd.stats["kv_copies"] == 0  # nothing left to decode, so nothing was copied
-    assert pd.scheduler.block_manager.num_free_blocks == 32
+    assert pd.scheduler.block_managers[1].num_free_blocks == 32
 
 
 def test_bad_pd_configs(qwen3_path, monkeypatch):

@@ -1,20 +1,29 @@
-"""Scheduler invariants: budgets respected, no request lost or duplicated, preemption frees blocks."""
+"""Scheduler invariants: budgets respected, no request lost or duplicated, preemption frees blocks, states named.
+
+The scheduler runs here without a model: `step` plays the engine, committing each batch with made-up tokens.
+"""
 from itertools import count
+from types import SimpleNamespace
+
+import pytest
 
 from nanovllm import SamplingParams
+from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.scheduler import Scheduler
-from nanovllm.engine.sequence import Sequence, SequenceStatus
-
-
-class FakeConfig:
-    max_num_seqs = 4
-    max_num_batched_tokens = 64
-    max_model_len = 32
-    eos = -1
-    enable_two_gpu_pd = False
-    kv_cache_block_size = 4
+from nanovllm.engine.sequence import PENDING, Sequence, SequenceStatus
 
 PROMPT_TOKEN = count(1)
+
+
+def config(**overrides):
+    return SimpleNamespace(**dict(max_num_seqs=4, max_num_batched_tokens=64, chunked_prefill_tokens=16,
+                                  max_model_len=32, eos_token_ids=(), enable_two_gpu_pd=False, kv_cache_block_size=4,
+                                  pd_policy="adaptive"), **overrides)
+
+
+def scheduler(num_blocks, **overrides):
+    c = config(**overrides)
+    return Scheduler(c, [BlockManager(num_blocks, c.kv_cache_block_size)])
 
 
 def make(n_tokens, max_tokens=100):
@@ -23,39 +32,85 @@ def make(n_tokens, max_tokens=100):
                                                                  ignore_eos=True), 4)
 
 
+def step(s, worker=0, token=7):
+    batch = s.schedule(worker)
+    s.apply_results(batch, s.check_results(batch, [token] * len(batch.sampled)))
+    return batch
+
+
 def test_prefill_respects_token_and_sequence_budgets():
-    s = Scheduler(FakeConfig(), num_blocks=100)
+    s = scheduler(100)
     seqs = [make(30) for _ in range(6)]
     for q in seqs:
         s.add(q)
-    batch, is_prefill = s.schedule()
-    assert is_prefill and len(batch) == 2  # 64 tokens fit two 30-token prompts
-    batch2, _ = s.schedule()
-    batch3, _ = s.schedule()
-    assert len(batch2) == 2 and len(batch3) == 2
-    batch4, is_prefill = s.schedule()
-    assert not is_prefill and len(batch4) == 4  # max_num_seqs
+    first = step(s)
+    # 64 tokens: two whole 30-token prompts and a 4-token chunk of the third
+    assert [(end - start) for _, start, end in first.prefills] == [30, 30, 4] and len(first.sampled) == 2
+    assert [q.status for q in seqs[:3]] == [SequenceStatus.DECODING] * 2 + [SequenceStatus.PREFILLING]
+    mixed = step(s)
+    # now two sequences decode, so prompts get the chunk budget: 16 tokens, less one per decode
+    assert len(mixed.decodes) == 2 and sum(end - start for _, start, end in mixed.prefills) == 14
+    assert len(mixed.decodes) + len(mixed.prefills) <= 4  # max_num_seqs
+
+
+def test_two_steps_in_flight_read_pending_tokens():
+    s = scheduler(100)
+    q = make(5)
+    s.add(q)
+    step(s)  # prefill: q now knows its first token
+    first = s.schedule(0)  # launched, not collected: its token is PENDING
+    assert first.decodes == [(q, 6, -1)] and q.token_ids[-1] == PENDING
+    second = s.schedule(0)  # the next step reads that token from the first step's output row 0
+    assert second.decodes == [(q, 7, 0)] and q.num_pending == 2
+    s.apply_results(first, s.check_results(first, [11]))
+    s.apply_results(second, s.check_results(second, [12]))
+    assert q.completion_token_ids == [7, 11, 12] and q.num_pending == 0
 
 
 def test_run_to_completion_under_preemption_loses_nothing():
-    s = Scheduler(FakeConfig(), num_blocks=12)  # 48 tokens for 4 sequences growing to 32
+    s = scheduler(12)  # 48 tokens for 4 sequences growing to 30
     seqs = [make(10, max_tokens=20) for _ in range(4)]
     for q in seqs:
         s.add(q)
     steps = 0
     while not s.is_finished():
-        batch, _ = s.schedule()
-        assert len(set(q.seq_id for q in batch)) == len(batch)  # no duplicates
-        assert all(q.status == SequenceStatus.RUNNING for q in batch)
-        s.postprocess(batch, [7] * len(batch))
+        batch = step(s)
+        assert len({q.seq_id for q in batch.seqs}) == len(batch.seqs)  # no duplicates
         steps += 1
         assert steps < 1000
     assert s.num_preemptions > 0
     assert all(q.is_finished and q.num_completion_tokens == 20 for q in seqs)
-    assert s.block_manager.num_free_blocks == 12
+    assert s.block_managers[0].num_free_blocks == 12
+
+
+def test_rollback_sends_a_failed_step_back_to_be_recomputed():
+    s = scheduler(20)
+    q = make(10)
+    s.add(q)
+    step(s)
+    batch = s.schedule(0)
+    failed = s.rollback([batch], RuntimeError("boom"))
+    assert not failed and q.status == SequenceStatus.WAITING and q.num_failures == 1
+    assert q.completion_token_ids == [7] and q.num_pending == 0  # the known token stays, the pending one goes
+    assert s.block_managers[0].num_free_blocks == 20 and list(s.waiting) == [q]
+    for _ in range(2):
+        batch = s.schedule(0)
+        failed = s.rollback([batch], RuntimeError("boom"))
+    assert failed == [q] and q.finish_reason == "error" and "boom" in q.error and s.is_finished()
+
+
+def test_abort_frees_everything():
+    s = scheduler(20)
+    a, b = make(10), make(10)
+    s.add(a)
+    s.add(b)
+    step(s)
+    s.abort(a)
+    s.abort(b)
+    assert a.finish_reason == b.finish_reason == "abort" and s.is_finished()
+    assert s.block_managers[0].num_free_blocks == 20
 
 
 def test_too_few_blocks_for_one_sequence_is_an_error():
-    import pytest
     with pytest.raises(ValueError, match="too few for one sequence"):
-        Scheduler(FakeConfig(), num_blocks=7)
+        scheduler(8)

@@ -10,25 +10,16 @@ class Block:
     def __init__(self, block_id: int):
         self.block_id = block_id
         self.ref_count = 0
-        self.hash = -1  # set once the block is full; a freed block keeps it so its KV can be reused
-        self.token_ids: list[int] = []
-
-    def update(self, hash: int, token_ids: list[int]):
-        self.hash = hash
-        self.token_ids = token_ids
-
-    def reset(self):
-        self.ref_count = 1
-        self.hash = -1
-        self.token_ids = []
+        self.hash = -1  # set once the block's KV is written and full; a freed block keeps it for reuse
 
 
 class BlockManager:
-    """Paged KV blocks of one device: ref counts and, optionally, prefix caching.
+    """Paged KV blocks of one worker: ref counts and, optionally, prefix caching.
 
-    A full block is named by a hash chained over all tokens up to its end, so two sequences that share
-    a prompt prefix share its blocks. Freed blocks keep their hash until reused (LRU order), so a
-    later request with the same prefix still finds them.
+    A full block is named by a hash chained over all tokens up to its end, so two sequences that share a
+    prompt prefix share its blocks. A block is named only once a finished step has written its KV
+    (`cache_blocks`), so a lookup never finds KV that a failed or interrupted step left unwritten. Freed
+    blocks keep their name until reused (LRU order), so a later request with the same prefix still finds them.
     """
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
@@ -49,6 +40,10 @@ class BlockManager:
     def num_free_blocks(self) -> int:
         return len(self.free_block_ids)
 
+    @property
+    def num_used_blocks(self) -> int:
+        return len(self.used_block_ids)
+
     @staticmethod
     def compute_hash(token_ids: list[int], prefix: int = -1) -> int:
         h = xxhash.xxh64()
@@ -57,19 +52,25 @@ class BlockManager:
         h.update(np.array(token_ids, dtype=np.int64).tobytes())
         return h.intdigest()
 
-    def _allocate_block(self, block_id: int) -> Block:
+    def _take(self, block_id: int) -> int:
         block = self.blocks[block_id]
         assert block.ref_count == 0
-        block.reset()
+        if block.hash != -1:  # its old content is overwritten from now on: forget its name
+            if self.hash_to_block_id.get(block.hash) == block_id:
+                del self.hash_to_block_id[block.hash]
+            block.hash = -1
+        block.ref_count = 1
         self.free_block_ids.remove(block_id)
         self.used_block_ids.add(block_id)
         self.peak_used_blocks = max(self.peak_used_blocks, len(self.used_block_ids))
-        return block
+        return block_id
 
-    def _deallocate_block(self, block_id: int):
-        assert self.blocks[block_id].ref_count == 0
-        self.used_block_ids.remove(block_id)
-        self.free_block_ids.append(block_id)
+    def _take_free(self) -> int:
+        return self._take(self.free_block_ids[0])
+
+    def _cached_block(self, h: int) -> int:
+        block_id = self.hash_to_block_id.get(h, -1)
+        return block_id if block_id != -1 and self.blocks[block_id].hash == h else -1
 
     def can_allocate(self, seq: Sequence) -> bool:
         return self.num_free_blocks >= seq.num_blocks
@@ -78,62 +79,59 @@ class BlockManager:
         """Give `seq` blocks for all its tokens, reusing cached full blocks of its prefix."""
         assert not seq.block_table
         h = -1
-        cache_miss = not self.enable_prefix_caching
-        for i in range(seq.num_blocks):
-            token_ids = seq.block(i)
-            full = len(token_ids) == self.block_size
-            h = self.compute_hash(token_ids, h) if full and self.enable_prefix_caching else -1
-            block_id = self.hash_to_block_id.get(h, -1)
-            # The last token is always recomputed: its logits give the next token.
-            last = i == seq.num_blocks - 1
-            if block_id == -1 or last or self.blocks[block_id].token_ids != token_ids:
-                cache_miss = True
-            if cache_miss:
-                block = self._allocate_block(self.free_block_ids[0])
+        for i in range(seq.num_blocks - 1):  # the last block holds the last token, always recomputed for its logits
+            if not self.enable_prefix_caching:
+                break
+            h = self.compute_hash(seq.block(i), h)
+            block_id = self._cached_block(h)
+            if block_id == -1:
+                break
+            if block_id in self.used_block_ids:
+                self.blocks[block_id].ref_count += 1
             else:
-                seq.num_cached_tokens += self.block_size
-                self.num_cache_hits += 1
-                block = self.blocks[block_id]
-                if block_id in self.used_block_ids:
-                    block.ref_count += 1
-                else:
-                    self._allocate_block(block_id)
-            if h != -1:
-                block.update(h, token_ids)
-                self.hash_to_block_id[h] = block.block_id
-            seq.block_table.append(block.block_id)
+                self._take(block_id)
+                self.blocks[block_id].hash = h  # _take forgot it; it is still valid
+                self.hash_to_block_id[h] = block_id
+            seq.block_table.append(block_id)
+            self.num_cache_hits += 1
+        seq.num_cached_tokens = seq.num_computed_tokens = len(seq.block_table) * self.block_size
+        seq.num_hashed_blocks = len(seq.block_table)
+        while len(seq.block_table) < seq.num_blocks:
+            seq.block_table.append(self._take_free())
+
+    def cache_blocks(self, seq: Sequence, num_written: int):
+        """The KV of `seq`'s first `num_written` tokens is written: name its full blocks for reuse."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = min(num_written // self.block_size, len(seq.block_table))
+        for i in range(seq.num_hashed_blocks, num_full):
+            prefix = self.blocks[seq.block_table[i - 1]].hash if i else -1
+            h = self.compute_hash(seq.block(i), prefix)
+            block = self.blocks[seq.block_table[i]]
+            block.hash = h
+            self.hash_to_block_id[h] = block.block_id
+        seq.num_hashed_blocks = max(seq.num_hashed_blocks, num_full)
 
     def allocate_blocks(self, n: int) -> list[int]:
-        """Plain blocks without prefix caching (PD mode: reserve decode-side blocks)."""
+        """Plain blocks, named by nobody (the destination of a KV copy)."""
         assert n <= self.num_free_blocks
-        return [self._allocate_block(self.free_block_ids[0]).block_id for _ in range(n)]
+        return [self._take_free() for _ in range(n)]
 
     def free_blocks(self, block_ids: list[int]):
         for block_id in reversed(block_ids):
             block = self.blocks[block_id]
             block.ref_count -= 1
             if block.ref_count == 0:
-                self._deallocate_block(block_id)
+                self.used_block_ids.remove(block_id)
+                self.free_block_ids.append(block_id)
 
     def deallocate(self, seq: Sequence):
         self.free_blocks(seq.block_table)
-        seq.num_cached_tokens = 0
         seq.block_table = []
 
-    def can_append(self, seq: Sequence) -> bool:
-        """Before a decode step: the newest token needs a fresh block when it starts one."""
-        return self.num_free_blocks >= (len(seq) % self.block_size == 1)
+    def blocks_needed(self, seq: Sequence) -> int:
+        """Blocks `seq` lacks for all its tokens (a decode step writes the KV of its last one)."""
+        return seq.num_blocks - len(seq.block_table)
 
-    def may_append(self, seq: Sequence):
-        block_table = seq.block_table
-        last_block = self.blocks[block_table[-1]]
-        if len(seq) % self.block_size == 1:
-            block_table.append(self._allocate_block(self.free_block_ids[0]).block_id)
-        elif len(seq) % self.block_size == 0 and self.enable_prefix_caching:
-            # The newest token fills the last block: name it so that later requests can reuse it.
-            prefix = self.blocks[block_table[-2]].hash if len(block_table) > 1 else -1
-            if prefix != -1 or len(block_table) == 1:
-                token_ids = seq.block(seq.num_blocks - 1)
-                h = self.compute_hash(token_ids, prefix)
-                last_block.update(h, token_ids)
-                self.hash_to_block_id[h] = last_block.block_id
+    def grow(self, seq: Sequence):
+        seq.block_table.extend(self._take_free() for _ in range(self.blocks_needed(seq)))

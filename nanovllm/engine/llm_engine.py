@@ -1,16 +1,24 @@
+import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import sys
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
+import torch
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, GenerationConfig
 
 from nanovllm.config import Config
-from nanovllm.engine.model_runner import KVTransfer, ModelRunner, PendingTokens
-from nanovllm.engine.scheduler import Scheduler
+from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.detokenizer import StopChecker
+from nanovllm.engine.kv_transfer import KVTransfer
+from nanovllm.engine.model_runner import ModelRunner, PendingTokens
+from nanovllm.engine.scheduler import Batch, Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.sampling_params import SamplingParams
 
@@ -23,66 +31,106 @@ if not logger.handlers:
     logger.propagate = False
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+PIPELINE_DEPTH = 2  # steps in flight per worker: the host prepares the next while the device runs one
 
 
 @dataclass
 class StepOutput:
     """What one step did for one request. `token_ids` (the whole completion) is set once it finishes."""
     request_id: int
-    new_token_id: int
+    new_token_id: int | None  # None when the request ended without a new token (aborted, failed)
     finished: bool
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # "stop", "length", "abort" or "error"
     token_ids: list[int] | None = None
     text: str | None = None  # set when a stop string cut the completion's text
+    error: str | None = None  # why it failed, for finish_reason "error"
+
+
+@dataclass
+class Worker:
+    """One device: its model runner and the steps launched there whose tokens are not collected yet."""
+    runner: ModelRunner
+    in_flight: deque  # of (Batch, PendingTokens | None), oldest first
 
 
 class LLMEngine:
-    """Owns the scheduler and the model runner(s) and drives the step loop.
+    """Owns the scheduler and one worker per device, and drives the step loop.
 
-    Single-device mode: each step is a prefill or a decode batch on one runner.
-    PD mode (enable_two_gpu_pd): a prefill runner and a decode runner work at the same time. The
-    prefill batch is launched without waiting for it; decode steps keep running while it computes; when
-    it is done its KV is copied to the decode device on side streams, and each sequence joins the decode
-    batch once its copy has completed. The host blocks only when it has nothing else to do.
+    Each step launches the next batch on every worker without waiting (so a device always has work queued
+    while the host prepares more), then collects whatever finished: sampled tokens, and KV copies between
+    workers. The scheduler's policy decides what runs where (single device, PD static or adaptive).
+    A step that fails or is interrupted is rolled back: its sequences go back to be recomputed, nothing else
+    changes, and the exception propagates.
     """
 
     def __init__(self, model: str, **kwargs):
-        known = {f.name for f in dataclasses.fields(Config)} - {"model", "hf_config", "eos"}
+        self.init_config(model, kwargs)
+        self.init_tokenizer()
+        self.init_workers()
+        self.init_scheduler()
+        self.requests: dict[int, Sequence] = {}  # accepted and not yet reported finished
+        self.undelivered: list[StepOutput] = []  # requests that ended outside a step (aborted, failed)
+        self.transfers: list[tuple[KVTransfer, list[Sequence]]] = []
+        self.stats = dict(prefill_tokens=0, decode_tokens=0, kv_bytes=0, kv_copies=0, kv_seconds=0.0)
+
+    def init_config(self, model: str, kwargs: dict):
+        known = {f.name for f in dataclasses.fields(Config)} - {"model", "hf_config", "eos_token_ids"}
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise TypeError(f"unknown option(s) {', '.join(unknown)}; valid options: {', '.join(sorted(known))}")
-        config = Config(model, **kwargs)
-        self.config = config
-        self.tokenizer = _load_tokenizer(config.model)
-        config.eos = _eos_token_id(config, self.tokenizer)
-        if config.enable_two_gpu_pd:
-            prefill_blocks = config.num_prefill_kv_cache_blocks
-            if prefill_blocks <= 0:
-                prefill_blocks = config.num_kv_cache_blocks
-            self.prefill_runner = ModelRunner(config, config.prefill_device_id, prefill_blocks, role="prefill")
-            self.decode_runner = ModelRunner(config, config.decode_device_id, config.num_kv_cache_blocks,
-                                             role="decode")
-            self.scheduler = Scheduler(config, self.decode_runner.num_kv_blocks, self.prefill_runner.num_kv_blocks,
-                                       is_stopped=self._hit_stop_string)
-        else:
-            self.model_runner = ModelRunner(config, config.device, config.num_kv_cache_blocks)
-            self.scheduler = Scheduler(config, self.model_runner.num_kv_blocks, is_stopped=self._hit_stop_string)
-        self.prefill_in_flight: tuple[list[Sequence], PendingTokens] | None = None
-        self.transfers: list[tuple[KVTransfer, list[Sequence]]] = []
-        self.stats = dict(prefill_tokens=0, decode_tokens=0, kv_bytes=0, kv_copies=0, kv_seconds=0.0)
+        self.config = Config(model, **kwargs)
+
+    def init_tokenizer(self):
+        self.tokenizer = _load_tokenizer(self.config.model)
+        self.config.eos_token_ids = _eos_token_ids(self.config, self.tokenizer)
+
+    def init_workers(self):
+        c = self.config
+        if not c.enable_two_gpu_pd:
+            self.workers = [Worker(ModelRunner(c, c.device, c.num_kv_cache_blocks), deque())]
+            return
+        prefill_blocks = c.num_prefill_kv_cache_blocks if c.num_prefill_kv_cache_blocks > 0 else c.num_kv_cache_blocks
+        prefill_role = "prefill" if c.pd_policy == "static" else "both"
+        self.workers = [Worker(ModelRunner(c, c.prefill_device_id, prefill_blocks, role=prefill_role), deque()),
+                        Worker(ModelRunner(c, c.decode_device_id, c.num_kv_cache_blocks, role="decode"), deque())]
+
+    def init_scheduler(self):
+        block_managers = [BlockManager(w.runner.num_kv_blocks, self.config.kv_cache_block_size,
+                                       enable_prefix_caching=i == 0) for i, w in enumerate(self.workers)]
+        check_stop = StopChecker(self.tokenizer) if self.tokenizer is not None else None
+        self.scheduler = Scheduler(self.config, block_managers, check_stop)
+
+    @property
+    def runners(self) -> list[ModelRunner]:
+        return [w.runner for w in self.workers]
+
+    @property
+    def model_runner(self) -> ModelRunner:
+        return self.workers[0].runner
+
+    @property
+    def prefill_runner(self) -> ModelRunner:
+        return self.workers[0].runner
+
+    @property
+    def decode_runner(self) -> ModelRunner:
+        return self.workers[-1].runner
 
     # ---- requests ----
 
     def add_request(self, prompt: str | list[int], sampling_params: SamplingParams | None = None) -> int:
         """Queue one request; returns its id. Raises ValueError/TypeError for input it cannot serve."""
         token_ids = self._encode(prompt)
-        return self._add(token_ids, sampling_params or SamplingParams())
+        return self._add(token_ids, SamplingParams() if sampling_params is None else sampling_params)
 
     def _add(self, token_ids: list[int], params: SamplingParams) -> int:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"stop strings need a tokenizer, and {self.config.model!r} has none")
         seq = Sequence(token_ids, params, self.config.kv_cache_block_size)
         self.scheduler.add(seq)
+        self.requests[seq.seq_id] = seq
         return seq.seq_id
 
     def _encode(self, prompt: str | list[int]) -> list[int]:
@@ -104,97 +152,172 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
         return token_ids
 
+    def abort_request(self, request_id: int) -> bool:
+        """Stop a request now and free its KV; the next step() reports it finished with reason "abort".
+        Returns False if it is unknown or already finished."""
+        seq = self.requests.get(request_id)
+        if seq is None or seq.is_finished:
+            return False
+        with _sigint_deferred():
+            self.scheduler.abort(seq)
+            self._report(seq)
+        return True
+
     def is_finished(self) -> bool:
-        return self.scheduler.is_finished()
+        return self.scheduler.is_finished() and not self.undelivered
 
     # ---- the step loop ----
 
     def step(self) -> list[StepOutput]:
-        """Advance every request that can advance by one token."""
-        if self.config.enable_two_gpu_pd:
-            return self._step_pd()
-        seqs, is_prefill = self.scheduler.schedule()
-        if not seqs:
-            self._check_not_stalled()
-            return []
-        token_ids = self.model_runner.run(seqs, is_prefill)
-        self._count(seqs, is_prefill)
-        return self._postprocess(seqs, token_ids)
-
-    def _step_pd(self) -> list[StepOutput]:
-        outputs = []
-        can_block = not self.scheduler.running  # with nothing to decode, waiting costs nothing
-        if self.prefill_in_flight and (can_block or self.prefill_in_flight[1].done()):
-            outputs += self._finish_prefill()
-        for transfer in list(self.transfers):
-            kv_transfer, seqs = transfer
-            if can_block and not self.prefill_in_flight:
-                kv_transfer.wait()
-            if kv_transfer.done():
-                self.transfers.remove(transfer)
-                self.scheduler.finish_transfer(seqs)
-                self.stats["kv_seconds"] += kv_transfer.seconds()
-        if not self.prefill_in_flight:
-            seqs = self.scheduler.schedule_prefill()
-            if seqs:
-                self.prefill_in_flight = seqs, self.prefill_runner.launch(seqs, is_prefill=True)
-        seqs = self.scheduler.schedule_decode()
-        if seqs:
-            token_ids = self.decode_runner.run(seqs, is_prefill=False)
-            self._count(seqs, is_prefill=False)
-            outputs += self._postprocess(seqs, token_ids)
-        elif not outputs and not self.prefill_in_flight and not self.transfers:
-            self._check_not_stalled()
+        """Launch the next step on every worker, then collect what is done. Some tokens arrive one step late."""
+        with self._rollback_on_failure():
+            launched = self._launch()
+            outputs, collected = self._collect(block=True)
+            if not launched and not collected and not self._in_flight():
+                self._check_not_stalled()
+        outputs, self.undelivered = self.undelivered + outputs, []
         return outputs
+
+    def _launch(self) -> bool:
+        launched = False
+        for worker_id, worker in enumerate(self.workers):
+            while len(worker.in_flight) < PIPELINE_DEPTH:
+                with _sigint_deferred():
+                    batch = self.scheduler.schedule(worker_id)
+                    if not batch:
+                        break
+                    worker.in_flight.append([batch, None])  # known before launch, so a failure there rolls it back
+                worker.in_flight[-1][1] = worker.runner.launch(batch)
+                launched = True
+        return launched
+
+    def _collect(self, block: bool) -> tuple[list[StepOutput], bool]:
+        """Commit every finished step and copy; with `block`, first wait until at least one is done."""
+        if block and not self._any_done():
+            self._wait_any()
+        outputs, collected = [], False
+        for transfer in [t for t in self.transfers if t[0].done()]:
+            self._retire_transfer(transfer)
+            collected = True
+        for worker in self.workers:
+            while worker.in_flight and worker.in_flight[0][1].done():
+                outputs += self._commit(worker)
+                collected = True
+        self._start_transfers()
+        return outputs, collected
+
+    def _commit(self, worker: Worker) -> list[StepOutput]:
+        batch, pending = worker.in_flight[0]
+        token_ids = pending.get()
+        results = self.scheduler.check_results(batch, token_ids)
+        with _sigint_deferred():
+            worker.in_flight.popleft()
+            self.scheduler.apply_results(batch, results)
+            self._count(batch)
+            return [self._output(r.seq, r.token_id) for r in results]
+
+    def _output(self, seq: Sequence, token_id: int | None) -> StepOutput:
+        if seq.is_finished:
+            self.requests.pop(seq.seq_id, None)
+        return StepOutput(seq.seq_id, token_id, seq.is_finished, seq.finish_reason,
+                          seq.completion_token_ids if seq.is_finished else None, seq.text, seq.error)
+
+    def _report(self, seq: Sequence):
+        """A request ended outside a step: deliver its output with the next step."""
+        self.undelivered.append(self._output(seq, None))
+
+    def _start_transfers(self):
+        """Start the KV copies of sequences that move between workers, one transfer per route."""
+        with _sigint_deferred():
+            routes = {}
+            for seq, pairs in self.scheduler.start_migrations():
+                seqs, all_pairs = routes.setdefault((seq.worker, seq.migration[0]), ([], []))
+                seqs.append(seq)
+                all_pairs.extend(pairs)
+            first = len(self.transfers)
+            self.transfers += [(None, seqs) for seqs, _ in routes.values()]  # known before they start, for rollback
+        for i, ((src, dst), (seqs, pairs)) in enumerate(routes.items(), start=first):
+            transfer = self._copy(self.runners[src], self.runners[dst], pairs)
+            self.transfers[i] = (transfer, seqs)
+            self.stats["kv_bytes"] += transfer.nbytes
+            self.stats["kv_copies"] += transfer.num_copies
+
+    def _copy(self, src: ModelRunner, dst: ModelRunner, pairs: list[tuple[int, int]]) -> KVTransfer:
+        if not src.is_cuda:
+            return KVTransfer(src.kv_cache, dst.kv_cache, pairs)
+        # The copy streams wait for what is queued on the compute streams: the KV being written on the source,
+        # and, on the destination, steps that may still touch the (recycled) destination blocks.
+        src.copy_stream.wait_stream(torch.cuda.current_stream(src.device))
+        dst.copy_stream.wait_stream(torch.cuda.current_stream(dst.device))
+        return KVTransfer(src.kv_cache, dst.kv_cache, pairs, (src.copy_stream, dst.copy_stream),
+                          via_host=self.config.kv_via_host)
+
+    def _retire_transfer(self, transfer: tuple[KVTransfer, list[Sequence]]):
+        kv_transfer, seqs = transfer
+        with _sigint_deferred():
+            self.transfers.remove(transfer)
+            for seq in seqs:
+                self.scheduler.finish_migration(seq)
+            self.stats["kv_seconds"] += kv_transfer.seconds()
+
+    def _in_flight(self) -> bool:
+        return bool(self.transfers) or any(w.in_flight for w in self.workers)
+
+    def _any_done(self) -> bool:
+        return (not self._in_flight() or any(t.done() for t, _ in self.transfers)
+                or any(w.in_flight and w.in_flight[0][1].done() for w in self.workers))
+
+    def _wait_any(self):
+        """Block until a step or copy is done: directly when only one thing is pending, else by polling."""
+        pending = [w.in_flight[0][1] for w in self.workers if w.in_flight] + [t for t, _ in self.transfers]
+        if len(pending) == 1:
+            pending[0].wait()
+            return
+        while not any(p.done() for p in pending):
+            time.sleep(20e-6)
 
     def _check_not_stalled(self):
         """Nothing ran and nothing is in flight: unless every request is done, that is a bug, not a wait."""
-        if not self.is_finished():
+        if not self.scheduler.is_finished():
             raise RuntimeError("the scheduler could schedule nothing although requests are pending")
 
-    def _finish_prefill(self) -> list[StepOutput]:
-        seqs, pending = self.prefill_in_flight
-        self.prefill_in_flight = None
-        token_ids = pending.get()
-        self._count(seqs, is_prefill=True)
-        outputs = self._postprocess(seqs, token_ids)
-        moving = self.scheduler.get_prefilled_sequences()
-        if moving:
-            kv_transfer = self.prefill_runner.sync_kv_cache_to(self.decode_runner,
-                                                               self.scheduler.transfer_pairs(moving))
-            self.stats["kv_bytes"] += kv_transfer.nbytes
-            self.stats["kv_copies"] += kv_transfer.num_copies
-            self.transfers.append((kv_transfer, moving))
-        return outputs
+    def _count(self, batch: Batch):
+        self.stats["prefill_tokens"] += sum(end - start for _, start, end in batch.prefills)
+        self.stats["decode_tokens"] += len(batch.decodes)
 
-    def _postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> list[StepOutput]:
-        self.scheduler.postprocess(seqs, token_ids)
-        return [StepOutput(seq.seq_id, token_id, seq.is_finished, seq.finish_reason,
-                           seq.completion_token_ids if seq.is_finished else None, seq.text)
-                for seq, token_id in zip(seqs, token_ids)]
+    @contextlib.contextmanager
+    def _rollback_on_failure(self):
+        try:
+            yield
+        except BaseException as error:
+            with _sigint_deferred():
+                self._rollback(error)
+            raise
 
-    def _count(self, seqs: list[Sequence], is_prefill: bool):
-        if is_prefill:
-            self.stats["prefill_tokens"] += sum(len(seq) - seq.num_cached_tokens for seq in seqs)
-        else:
-            self.stats["decode_tokens"] += len(seqs)
-
-    def _hit_stop_string(self, seq: Sequence) -> bool:
-        """Cut the completion at the first stop string, if one has appeared."""
-        if self.tokenizer is None:
-            return False
-        text = self.tokenizer.decode(seq.completion_token_ids, skip_special_tokens=True)
-        cuts = [i for i in (text.find(stop) for stop in seq.params.stop) if i != -1]
-        if cuts:
-            seq.text = text[:min(cuts)]
-        return bool(cuts)
+    def _rollback(self, error: BaseException):
+        """Undo every step and copy in flight: their sequences are recomputed; devices are drained first, so
+        nothing still writes to the blocks that are freed."""
+        for runner in self.runners:
+            if runner.is_cuda:
+                with contextlib.suppress(Exception):
+                    torch.cuda.synchronize(runner.device)
+        batches = [batch for w in self.workers for batch, _ in w.in_flight]
+        migrations = [seq for _, seqs in self.transfers for seq in seqs]
+        for w in self.workers:
+            w.in_flight.clear()
+        self.transfers.clear()
+        for seq in self.scheduler.rollback(batches, error, migrations):
+            self._report(seq)
+        logger.warning(f"step failed ({type(error).__name__}); {len(batches)} step(s) and {len(migrations)} "
+                       f"migrating sequence(s) rolled back, to be recomputed")
 
     # ---- the offline API ----
 
     def generate(self, prompts: str | list[str] | list[list[int]],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[dict]:
-        """Run prompts to completion; returns {"text", "token_ids", "finish_reason"} per prompt, in order."""
+        """Run prompts to completion; returns {"text", "token_ids", "finish_reason"} per prompt, in order.
+        If it fails or is interrupted, its requests are aborted before the exception propagates."""
         prompts = [prompts] if isinstance(prompts, str) else prompts
         if not isinstance(prompts, (list, tuple)):
             raise TypeError(f"prompts must be a str or a list of prompts, got {_describe(prompts)}")
@@ -205,31 +328,63 @@ class LLMEngine:
         params = sampling_params if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
-        params = [p or SamplingParams() for p in params]
+        params = [SamplingParams() if p is None else p for p in params]
         for p in params:
             if not isinstance(p, SamplingParams):
                 raise TypeError(f"sampling_params must be SamplingParams, got {type(p).__name__}")
         encoded = [self._encode(prompt) for prompt in prompts]  # all checked before any is queued
         request_ids = [self._add(token_ids, p) for token_ids, p in zip(encoded, params)]
-        results = {}
-        progress = tqdm(total=len(prompts), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
-        start, tokens = time.perf_counter(), 0
-        while not self.is_finished():
-            outputs = self.step()
-            tokens += len(outputs)
-            for out in outputs:
-                if out.finished:
-                    results[out.request_id] = out
-                    progress.update(1)
-            progress.set_postfix(tok_per_s=f"{tokens / (time.perf_counter() - start):.0f}", refresh=False)
-        progress.close()
+        try:
+            results = self._run_to_completion(request_ids, use_tqdm)
+        except BaseException:
+            for request_id in request_ids:
+                self.abort_request(request_id)
+            mine = set(request_ids)
+            self.undelivered = [out for out in self.undelivered if out.request_id not in mine]
+            raise
         return [self._result(results[i]) for i in request_ids]
+
+    def _run_to_completion(self, request_ids: list[int], use_tqdm: bool) -> dict[int, StepOutput]:
+        mine, results = set(request_ids), {}
+        progress = tqdm(total=len(request_ids), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
+        start, tokens = time.perf_counter(), 0
+        try:
+            while len(results) < len(request_ids):
+                outputs = self.step()
+                tokens += len(outputs)
+                for out in outputs:
+                    if out.finished and out.request_id in mine:
+                        results[out.request_id] = out
+                        progress.update(1)
+                progress.set_postfix(tok_per_s=f"{tokens / (time.perf_counter() - start):.0f}", refresh=False)
+        finally:
+            progress.close()
+        return results
 
     def _result(self, out: StepOutput) -> dict:
         text = out.text
         if text is None and self.tokenizer is not None:
             text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
-        return {"text": text, "token_ids": out.token_ids, "finish_reason": out.finish_reason}
+        result = {"text": text, "token_ids": out.token_ids, "finish_reason": out.finish_reason}
+        if out.error is not None:
+            result["error"] = out.error
+        return result
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Hold Ctrl-C back while engine state is being changed, so that it lands between changes, never inside."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda *args: received.append(args))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received and callable(previous):
+            previous(*received[0])
 
 
 def _describe(value) -> str:
@@ -243,10 +398,16 @@ def _load_tokenizer(model_dir: str):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-def _eos_token_id(config: Config, tokenizer) -> int:
-    eos = getattr(config.hf_config, "eos_token_id", None)
-    if eos is None and tokenizer is not None:
-        eos = tokenizer.eos_token_id
-    if isinstance(eos, (list, tuple)):
-        eos = eos[0] if eos else None
-    return -1 if eos is None else eos
+def _eos_token_ids(config: Config, tokenizer) -> tuple[int, ...]:
+    """Every end-of-sequence id the checkpoint names: generation_config.json's list (Qwen3 has two),
+    config.json's, and the tokenizer's."""
+    ids = []
+    if os.path.exists(os.path.join(config.model, "generation_config.json")):
+        ids.append(GenerationConfig.from_pretrained(config.model).eos_token_id)
+    ids.append(getattr(config.hf_config, "eos_token_id", None))
+    if tokenizer is not None:
+        ids.append(tokenizer.eos_token_id)
+    flat = []
+    for eos in ids:
+        flat.extend(eos if isinstance(eos, (list, tuple)) else [eos])
+    return tuple(dict.fromkeys(e for e in flat if isinstance(e, int)))

@@ -5,6 +5,7 @@ import time
 import torch
 
 from nanovllm.config import Config
+from nanovllm.engine.scheduler import Batch
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import select_backend
 from nanovllm.layers.sampler import Sampler
@@ -50,7 +51,8 @@ class ModelRunner:
             self.graphs = {}
             if self.is_cuda and not config.enforce_eager and role != "prefill":
                 self._capture_cudagraphs()
-            self.copy_stream = torch.cuda.Stream(self.device) if self.is_cuda else None
+            self.copy_stream = torch.cuda.Stream(self.device) if self.is_cuda else None  # KV transfers
+            self.last_sampled: torch.Tensor | None = None
         logger.info(f"{role} runner on {self.device}: {config.dtype}, attention backend {self.backend}, "
                     f"{self.num_kv_blocks} KV blocks ({self.kv_capacity_tokens} tokens, "
                     f"{self.kv_cache.nbytes / 2**30:.2f} GiB), CUDA graphs {'on' if self.graphs else 'off'}")
@@ -84,7 +86,7 @@ class ModelRunner:
         else:
             num_seqs = max(1, min(c.max_num_batched_tokens // c.max_model_len, c.max_num_seqs))
             seqs = [Sequence([0] * c.max_model_len, _GREEDY, self.block_size) for _ in range(num_seqs)]
-        self.run(seqs, is_prefill=True)
+        self.run(Batch(0, prefills=[(seq, 0, len(seq)) for seq in seqs], sampled=seqs))
         torch.cuda.empty_cache()
 
     def _allocate_kv_cache(self, num_blocks: int):
@@ -122,64 +124,75 @@ class ModelRunner:
         width = max(len(seq.block_table) for seq in seqs)
         return self._tensor([seq.block_table + [-1] * (width - len(seq.block_table)) for seq in seqs], torch.int32)
 
-    def prepare_prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, Context]:
-        input_ids, positions, slot_mapping, prefix_slots = [], [], [], []
+    def _slot(self, seq: Sequence, position: int) -> int:
+        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
+
+    def prepare_prefill(self, chunks: list[tuple[Sequence, int, int]]) -> tuple[torch.Tensor, torch.Tensor, Context]:
+        """Inputs for computing the KV of tokens [start, end) of each sequence, over its context [0, end)."""
+        input_ids, positions, slot_mapping, context_slots = [], [], [], []
         cu_seqlens_q, cu_seqlens_k = [0], [0]
-        bs = self.block_size
-        has_prefix = any(seq.num_cached_tokens for seq in seqs)
-        for seq in seqs:
-            start = seq.num_cached_tokens
-            input_ids.extend(seq[start:])
-            positions.extend(range(start, len(seq)))
-            cu_seqlens_q.append(cu_seqlens_q[-1] + len(seq) - start)
-            cu_seqlens_k.append(cu_seqlens_k[-1] + len(seq))
+        has_context = any(start for _, start, _ in chunks)
+        for seq, start, end in chunks:
+            input_ids.extend(seq[start:end])
+            positions.extend(range(start, end))
+            cu_seqlens_q.append(cu_seqlens_q[-1] + end - start)
+            cu_seqlens_k.append(cu_seqlens_k[-1] + end)
             if not seq.block_table:  # warm-up: no KV cache yet
                 continue
-            for i in range(seq.num_blocks):
-                first = seq.block_table[i] * bs
-                slots = range(first, first + (bs if i < seq.num_blocks - 1 else seq.last_block_num_tokens))
-                if i >= seq.num_cached_blocks:
-                    slot_mapping.extend(slots)
-                if has_prefix:
-                    prefix_slots.extend(slots)
-        lens_q = [b - a for a, b in zip(cu_seqlens_q, cu_seqlens_q[1:])]
+            slot_mapping.extend(self._slot(seq, p) for p in range(start, end))
+            if has_context:
+                context_slots.extend(self._slot(seq, p) for p in range(end))
         ctx = Context(
             is_prefill=True, slot_mapping=self._tensor(slot_mapping, torch.int32),
             cu_seqlens_q=self._tensor(cu_seqlens_q, torch.int32), cu_seqlens_k=self._tensor(cu_seqlens_k, torch.int32),
-            max_seqlen_q=max(lens_q), max_seqlen_k=max(len(seq) for seq in seqs),
-            prefix_slots=self._tensor(prefix_slots, torch.int64) if has_prefix else None,
-            block_tables=self._block_tables(seqs) if has_prefix else None)
+            max_seqlen_q=max(end - start for _, start, end in chunks), max_seqlen_k=max(end for _, _, end in chunks),
+            prefix_slots=self._tensor(context_slots, torch.int64) if has_context else None,
+            block_tables=self._block_tables([seq for seq, _, _ in chunks]) if has_context else None)
         return self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), ctx
 
-    def prepare_decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, Context]:
-        bs = self.block_size
-        input_ids = [seq.last_token for seq in seqs]
-        positions = [len(seq) - 1 for seq in seqs]
-        slot_mapping = [seq.block_table[-1] * bs + seq.last_block_num_tokens - 1 for seq in seqs]
-        ctx = Context(is_prefill=False, slot_mapping=self._tensor(slot_mapping, torch.int32),
-                      context_lens=self._tensor([len(seq) for seq in seqs], torch.int32),
+    def prepare_decode(self, decodes: list[tuple[Sequence, int, int]]) -> tuple[torch.Tensor, torch.Tensor, Context]:
+        """Inputs for one token per sequence (token end - 1), whose id may still be PENDING on this device."""
+        seqs = [seq for seq, _, _ in decodes]
+        input_ids = self._tensor([max(seq[end - 1], 0) for seq, end, _ in decodes], torch.int64)
+        rows = [row for _, _, row in decodes]
+        if any(row >= 0 for row in rows):  # sampled by the previous step: take them from its output here
+            rows = self._tensor(rows, torch.int64)
+            input_ids = torch.where(rows >= 0, self.last_sampled[rows.clamp(min=0)], input_ids)
+        positions = self._tensor([end - 1 for _, end, _ in decodes], torch.int64)
+        ctx = Context(is_prefill=False, slot_mapping=self._tensor([self._slot(seq, end - 1) for seq, end, _ in decodes],
+                                                                  torch.int32),
+                      context_lens=self._tensor([end for _, end, _ in decodes], torch.int32),
                       block_tables=self._block_tables(seqs))
-        return self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), ctx
+        return input_ids, positions, ctx
 
     # ---- running ----
 
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
-        return self.launch(seqs, is_prefill).get()
+    def run(self, batch: Batch) -> list[int]:
+        return self.launch(batch).get()
 
     @torch.inference_mode()
-    def launch(self, seqs: list[Sequence], is_prefill: bool) -> "PendingTokens":
-        """Start a step without waiting for it: the sampled tokens arrive through the returned handle."""
+    def launch(self, batch: Batch) -> "PendingTokens":
+        """Start a step without waiting for it: the sampled tokens arrive through the returned handle, and stay
+        on the device as `last_sampled`, where the next step's PENDING inputs are read from."""
         with self.on_device():
-            input_ids, positions, ctx = (self.prepare_prefill if is_prefill else self.prepare_decode)(seqs)
             timer = StepTimer(self)
-            if is_prefill or not self.graphs or len(seqs) > max(self.graphs):
-                hidden = self.model(input_ids, positions, ctx)
-            else:
-                hidden = self._replay_graph(input_ids, positions, ctx)
-            if is_prefill:
-                hidden = hidden[ctx.cu_seqlens_q[1:] - 1]
+            hidden = []
+            if batch.decodes:
+                input_ids, positions, ctx = self.prepare_decode(batch.decodes)
+                if not self.graphs or len(batch.decodes) > max(self.graphs):
+                    hidden.append(self.model(input_ids, positions, ctx))
+                else:
+                    hidden.append(self._replay_graph(input_ids, positions, ctx))
+            sampling = batch.sampling_prefills()
+            if batch.prefills:
+                input_ids, positions, ctx = self.prepare_prefill(batch.prefills)
+                last_tokens = ctx.cu_seqlens_q[1:][self._tensor(sampling, torch.int64)] - 1
+                hidden.append(self.model(input_ids, positions, ctx)[last_tokens])
+            hidden = hidden[0] if len(hidden) == 1 else torch.cat(hidden)
             logits = self.model.compute_logits(hidden)
-            token_ids = self.sampler(logits, [seq.params for seq in seqs], [len(seq) for seq in seqs])
+            positions = [end for _, end, _ in batch.decodes] + [batch.prefills[i][2] for i in sampling]
+            token_ids = self.sampler(logits, [seq.params for seq in batch.sampled], positions)
+            self.last_sampled = token_ids
             return PendingTokens(token_ids, timer)
 
     # ---- CUDA graphs for decode ----
@@ -231,43 +244,6 @@ class ModelRunner:
         self.graphs[graph_bs].replay()
         return v["outputs"][:bs]
 
-    # ---- KV transfer to another runner (PD mode) ----
-
-    @torch.inference_mode()
-    def sync_kv_cache_to(self, other: "ModelRunner", block_pairs: list[tuple[int, int]]) -> "KVTransfer":
-        """Copy the KV of the given (my block, its block) pairs, all layers, into `other`'s cache.
-
-        On CUDA the copies run on side streams and return at once; consecutive block ids on both sides
-        become a single copy. Poll or wait on the returned handle.
-        """
-        runs = contiguous_runs(block_pairs)
-        if not self.is_cuda:
-            for src, dst, n in runs:
-                other.kv_cache[dst:dst + n].copy_(self.kv_cache[src:src + n])
-            return KVTransfer(None, None, self.kv_cache[0].nbytes * len(block_pairs), len(runs))
-        with self.on_device():
-            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))  # KV written by prefill
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            # torch makes both devices' *current* streams wait around a peer copy: make those the idle
-            # copy streams, so the copy never queues behind (or blocks) decode work on the other GPU.
-            with torch.cuda.stream(self.copy_stream), torch.cuda.stream(other.copy_stream):
-                start.record(self.copy_stream)
-                for src, dst, n in runs:
-                    other.kv_cache[dst:dst + n].copy_(self.kv_cache[src:src + n], non_blocking=True)
-                end.record(self.copy_stream)
-        return KVTransfer(start, end, self.kv_cache[0].nbytes * len(block_pairs), len(runs))
-
-
-def contiguous_runs(block_pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
-    """[(src, dst)] -> [(src_start, dst_start, length)], merging pairs consecutive on both sides."""
-    runs = []
-    for src, dst in sorted(block_pairs):
-        if runs and runs[-1][0] + runs[-1][2] == src and runs[-1][1] + runs[-1][2] == dst:
-            runs[-1][2] += 1
-        else:
-            runs.append([src, dst, 1])
-    return [tuple(run) for run in runs]
-
 
 class StepTimer:
     """Device time of one step, from events around it (CUDA) or the wall clock (CPU)."""
@@ -314,21 +290,3 @@ class PendingTokens:
             self.event.synchronize()
         self.timer.add_elapsed()
         return self.host.tolist()
-
-
-class KVTransfer:
-    """A KV copy in flight between two runners."""
-
-    def __init__(self, start, end, nbytes: int, num_copies: int):
-        self.start, self.end, self.nbytes, self.num_copies = start, end, nbytes, num_copies
-
-    def done(self) -> bool:
-        return self.end is None or self.end.query()
-
-    def wait(self):
-        if self.end is not None:
-            self.end.synchronize()
-
-    def seconds(self) -> float:
-        """Copy time on the device (0 on CPU); call after done()."""
-        return self.start.elapsed_time(self.end) / 1000 if self.end is not None else 0.0

@@ -1,170 +1,493 @@
+"""Which sequences run where in each step: a plan per worker, under token, sequence and KV-block budgets.
+
+A worker is one device's model runner and KV pool. Single-device mode has one worker; PD mode has two,
+worker 0 (the prefill GPU) and worker 1 (the decode GPU). Every sequence moves through named states:
+
+    WAITING -> PREFILLING (on worker 0) -> DECODING (on its worker) -> FINISHED
+                                  \\-> MIGRATING (KV copied to the other worker) -> DECODING there
+
+A policy (single, pd static, pd adaptive) decides the few things that differ between modes: which worker
+decodes a sequence whose prompt is done, whether a prompt may be admitted now, and which running sequences
+move to balance the workers. Steps run one ahead of the host (see Sequence), so a plan may reference tokens
+that are still PENDING on the device.
+"""
 from collections import deque
+from dataclasses import dataclass, field
 from typing import Callable
 
 from nanovllm.config import Config
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.sequence import Sequence, SequenceStatus
 
+MAX_FAILURES = 3  # a request that was in this many failed steps in a row fails with the error
+
+
+@dataclass
+class Batch:
+    """One step's work on one worker. Output row i of the step is the next token of `sampled[i]`."""
+    worker: int
+    decodes: list[tuple[Sequence, int, int]] = field(default_factory=list)  # (seq, end, row): the KV of token end - 1,
+    #                          whose id is PENDING in row `row` of the worker's previous step output (-1: known)
+    prefills: list[tuple[Sequence, int, int]] = field(default_factory=list)  # (seq, start, end): KV of tokens [start, end)
+    sampled: list[Sequence] = field(default_factory=list)  # decodes first, then the prompts this step completes
+    epochs: dict[int, int] = field(default_factory=dict)  # seq_id -> epoch at launch: a reset since makes it stale
+
+    def __bool__(self):
+        return bool(self.decodes or self.prefills)
+
+    @property
+    def seqs(self) -> list[Sequence]:
+        return [seq for seq, _, _ in self.decodes] + [seq for seq, _, _ in self.prefills]
+
+    def sampling_prefills(self) -> list[int]:
+        """Indices in `prefills` of the chunks that end their prompt, and so sample its next token."""
+        completing = {seq.seq_id for seq in self.sampled[len(self.decodes):]}
+        return [i for i, (seq, _, _) in enumerate(self.prefills) if seq.seq_id in completing]
+
+    @property
+    def written(self) -> list[tuple[Sequence, int]]:
+        """(seq, number of its leading tokens whose KV is written once the step is done)."""
+        return [(seq, end) for seq, end, _ in self.decodes] + [(seq, end) for seq, _, end in self.prefills]
+
+    def is_current(self, seq: Sequence) -> bool:
+        return self.epochs.get(seq.seq_id) == seq.epoch and not seq.is_finished
+
 
 class Scheduler:
-    """Decides which sequences run in each step, under token, sequence and KV-block budgets.
 
-    Single-device mode (nano-vllm's policy): a step is either a prefill batch of waiting sequences or a
-    decode batch of running ones; when blocks run out, the newest running sequence is preempted and
-    recomputed later.
-
-    PD mode: the prefill device and the decode device each have their own BlockManager. A sequence is
-    admitted only when the decode side can hold it (back-pressure); it is prefilled with prefill-side
-    blocks, its KV is copied into decode-side blocks reserved at admission, and once the copy is done
-    its prefill-side blocks are released and it decodes on the decode device.
-    """
-
-    def __init__(self, config: Config, num_blocks: int, num_prefill_blocks: int = 0,
-                 is_stopped: Callable[[Sequence], bool] = lambda seq: False):
+    def __init__(self, config: Config, block_managers: list[BlockManager],
+                 check_stop: Callable[[Sequence, int], object] = lambda seq, token: None):
+        self.config = config
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.chunk_tokens = config.chunked_prefill_tokens
         self.max_model_len = config.max_model_len
-        self.eos = config.eos
-        self.is_stopped = is_stopped  # stop-string check, supplied by the engine (needs the tokenizer)
-        self.pd = config.enable_two_gpu_pd
-        block_size = config.kv_cache_block_size
-        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching=not self.pd)
-        self.prefill_block_manager = BlockManager(num_prefill_blocks, block_size) if self.pd else self.block_manager
-        max_seq_blocks = (config.max_model_len + block_size - 1) // block_size
-        # PD: keep this many decode blocks free at admission, so that running sequences can grow.
-        self.watermark = max(1, num_blocks // 100) if self.pd else 0
-        for name, bm in (("decode", self.block_manager), ("prefill", self.prefill_block_manager)):
-            if bm.num_blocks < max_seq_blocks + self.watermark:
-                raise ValueError(
-                    f"{'the ' + name + ' side ' if self.pd else ''}KV cache has {bm.num_blocks} blocks of "
-                    f"{block_size} tokens, too few for one sequence of max_model_len={config.max_model_len} "
-                    f"(needs {max_seq_blocks + self.watermark}); lower max_model_len or give more blocks")
+        self.eos_token_ids = set(config.eos_token_ids)
+        self.check_stop = check_stop  # stop-string check, supplied by the engine (needs the tokenizer)
+        self.block_managers = block_managers
+        self.num_workers = len(block_managers)
+        self.check_capacity()
         self.waiting: deque[Sequence] = deque()
-        self.running: deque[Sequence] = deque()  # decoding (PD: on the decode device)
-        self.num_in_prefill = 0  # PD: admitted, not yet decoding (being prefilled or in transit)
-        self.prefilled: list[Sequence] = []  # PD: prefill done, KV still on the prefill device
+        self.prefilling: list[list[Sequence]] = [[] for _ in block_managers]  # per worker, in admission order
+        self.decoding: list[list[Sequence]] = [[] for _ in block_managers]
+        self.migrating: list[Sequence] = []
+        self.policy = make_policy(config, self)
         self.num_preemptions = 0
-        self.num_backpressure_stalls = 0  # PD: steps in which admission waited for decode-side blocks
+        self.num_migrations = 0
+        self.num_backpressure_stalls = 0  # steps in which admission waited for room to decode
+
+    def check_capacity(self):
+        block_size = self.config.kv_cache_block_size
+        need = -(-self.config.max_model_len // block_size) + 1  # one sequence of max_model_len, and a spare
+        for i, bm in enumerate(self.block_managers):
+            if bm.num_blocks < need:
+                side = f"worker {i}'s " if self.num_workers > 1 else ""
+                raise ValueError(
+                    f"{side}KV cache has {bm.num_blocks} blocks of {block_size} tokens, too few for one sequence "
+                    f"of max_model_len={self.config.max_model_len} (needs {need}); lower max_model_len or give "
+                    f"more blocks")
+
+    def watermark(self, worker: int) -> int:
+        """Blocks kept free at admission so that running sequences can grow without preemption."""
+        return max(1, self.block_managers[worker].num_blocks // 100)
+
+    # ---- requests ----
 
     def add(self, seq: Sequence):
         self.waiting.append(seq)
 
     def is_finished(self) -> bool:
-        return not self.waiting and not self.running and not self.num_in_prefill
+        return not self.waiting and not self.migrating and not any(self.prefilling) and not any(self.decoding)
 
-    # ---- single-device mode ----
+    def all_sequences(self) -> list[Sequence]:
+        seqs = list(self.waiting) + self.migrating
+        for queue in self.prefilling + self.decoding:
+            seqs.extend(queue)
+        return seqs
 
-    def schedule(self) -> tuple[list[Sequence], bool]:
-        scheduled = self.schedule_prefill()
-        if scheduled:
-            return scheduled, True
-        return self.schedule_decode(), False
+    def abort(self, seq: Sequence):
+        """Drop a request wherever it is. A MIGRATING sequence keeps its blocks until its copy is retired."""
+        if seq.status == SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        elif seq.status != SequenceStatus.MIGRATING:
+            self._leave(seq)
+        self._finish(seq, "abort")
 
-    # ---- both modes ----
+    # ---- planning ----
 
-    def schedule_prefill(self) -> list[Sequence]:
-        scheduled = []
-        num_batched_tokens = 0
-        while self.waiting and len(scheduled) < self.max_num_seqs:
+    def schedule(self, worker: int) -> Batch:
+        """The next step's work for `worker`: its decodes, then prompt chunks within the token budget."""
+        batch = Batch(worker)
+        try:
+            self._schedule_decodes(batch)
+            self._schedule_prefills(batch)
+        except BaseException:
+            self.rollback([batch], error=None)
+            raise
+        return batch
+
+    def _schedule_decodes(self, batch: Batch):
+        """One token for each sequence decoding here; when blocks run out, the newest sequences are preempted."""
+        queue, bm = self.decoding[batch.worker], self.block_managers[batch.worker]
+        i = 0
+        while i < len(queue) and len(batch.decodes) < self.max_num_seqs:
+            seq = queue[i]
+            if seq.migration is not None or seq.num_pending >= 2 or self._will_finish(seq):
+                i += 1  # sits this step out: moving away, or its last token is in flight
+                continue
+            while bm.blocks_needed(seq) > bm.num_free_blocks and seq.status == SequenceStatus.DECODING:
+                self.preempt(queue[-1])
+            if seq.status == SequenceStatus.DECODING:
+                bm.grow(seq)
+                batch.decodes.append((seq, seq.num_tokens, seq.sampled_row if seq.num_pending else -1))
+                self._launched(batch, seq, seq.num_tokens)
+                i += 1
+
+    def _will_finish(self, seq: Sequence) -> bool:
+        """Its PENDING token certainly ends it (length), so a step for the token after is wasted."""
+        return seq.num_pending > 0 and (seq.num_completion_tokens >= seq.params.max_tokens
+                                        or seq.num_tokens >= self.max_model_len)
+
+    def _schedule_prefills(self, batch: Batch):
+        w = batch.worker
+        if w != self.policy.prefill_worker:
+            return
+        if batch.decodes and not self.chunk_tokens:
+            return  # chunking off: a prefill step runs alone
+        budget = self.chunk_tokens if batch.decodes else self.max_num_batched_tokens
+        budget -= len(batch.decodes)
+        num_seqs = len(batch.decodes)
+        for seq in self.prefilling[w]:  # prompts already started: their next chunk
+            if budget <= 0 or num_seqs >= self.max_num_seqs:
+                return
+            if seq.num_pending == 0 and seq.num_computed_tokens < seq.num_tokens:  # not its last chunk in flight
+                budget -= self._add_chunk(batch, seq, budget)
+                num_seqs += 1
+        bm = self.block_managers[w]
+        while self.waiting and budget > 0 and num_seqs < self.max_num_seqs:
             seq = self.waiting[0]
-            if num_batched_tokens + len(seq) > self.max_num_batched_tokens:
-                break
-            if not self.prefill_block_manager.can_allocate(seq):
-                break
-            if self.pd and not self._decode_side_has_room(seq, len(scheduled)):
+            if bm.num_free_blocks - seq.num_blocks < self.watermark(w) or not self.policy.can_admit(seq):
                 self.num_backpressure_stalls += 1
-                break
-            self.prefill_block_manager.allocate(seq)
-            if self.pd:
-                seq.decode_block_table = self.block_manager.allocate_blocks(seq.num_blocks)
-                self.num_in_prefill += 1
-            num_batched_tokens += len(seq) - seq.num_cached_tokens
-            seq.status = SequenceStatus.RUNNING
+                return
             self.waiting.popleft()
-            if not self.pd:
-                self.running.append(seq)
-            scheduled.append(seq)
-        return scheduled
+            bm.allocate(seq)
+            seq.worker, seq.status = w, SequenceStatus.PREFILLING
+            self.prefilling[w].append(seq)
+            self.policy.admitted(seq)
+            budget -= self._add_chunk(batch, seq, budget)
+            num_seqs += 1
 
-    def _decode_side_has_room(self, seq: Sequence, num_scheduled: int) -> bool:
-        num_seqs = len(self.running) + self.num_in_prefill + num_scheduled
-        free = self.block_manager.num_free_blocks
-        return num_seqs < self.max_num_seqs and free - seq.num_blocks >= self.watermark
+    def _add_chunk(self, batch: Batch, seq: Sequence, budget: int) -> int:
+        start = seq.num_computed_tokens
+        end = min(seq.num_tokens, start + budget)
+        batch.prefills.append((seq, start, end))
+        self._launched(batch, seq, end)
+        return end - start
 
-    def schedule_decode(self) -> list[Sequence]:
-        scheduled = []
-        while self.running and len(scheduled) < self.max_num_seqs:
-            seq = self.running.popleft()
-            while not self.block_manager.can_append(seq):
-                if self.running:
-                    self.preempt(self.running.pop())
-                else:
-                    self.preempt(seq)
-                    break
-            else:
-                self.block_manager.may_append(seq)
-                scheduled.append(seq)
-        self.running.extendleft(reversed(scheduled))
-        return scheduled
+    def _launched(self, batch: Batch, seq: Sequence, end: int):
+        """The step computes `seq`'s KV up to `end`; if that is all its tokens, it samples the next one."""
+        batch.epochs[seq.seq_id] = seq.epoch
+        seq.num_computed_tokens = end
+        if end == seq.num_tokens:
+            seq.sampled_row = len(batch.sampled)
+            batch.sampled.append(seq)
+            seq.append_pending()
 
     def preempt(self, seq: Sequence):
         """Free the sequence's KV and queue it first, to be recomputed: nothing is dropped."""
         self.num_preemptions += 1
-        seq.status = SequenceStatus.WAITING
-        self.block_manager.deallocate(seq)
+        self._leave(seq)
+        seq.reset()
         self.waiting.appendleft(seq)
 
-    def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> list[Sequence]:
-        """Append each sampled token; finish and free the sequences that are done."""
-        finished = []
-        for seq, token_id in zip(seqs, token_ids):
-            seq.append_token(token_id)
-            if self._check_finished(seq):
-                finished.append(seq)
-                self._free(seq)
-            elif self.pd and seq.decode_block_table:
-                self.prefilled.append(seq)
-        return finished
-
-    def _check_finished(self, seq: Sequence) -> bool:
-        params = seq.params
-        if not params.ignore_eos and seq.last_token == self.eos:
-            seq.finish_reason = "stop"
-        elif params.stop and self.is_stopped(seq):
-            seq.finish_reason = "stop"
-        elif seq.num_completion_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
-            seq.finish_reason = "length"
+    def _leave(self, seq: Sequence):
+        """Take `seq` off its worker and free its blocks (and those reserved for it elsewhere)."""
+        if seq.status == SequenceStatus.MIGRATING:
+            self.migrating.remove(seq)  # only once its copy is done or abandoned: the copy reads and writes them
         else:
-            return False
-        seq.status = SequenceStatus.FINISHED
+            queue = (self.prefilling if seq.status == SequenceStatus.PREFILLING else self.decoding)[seq.worker]
+            queue.remove(seq)
+        self.block_managers[seq.worker].deallocate(seq)
+        if seq.migration is not None and seq.migration[1]:
+            self.block_managers[seq.migration[0]].free_blocks(seq.migration[1])
+        seq.migration = None
+        self.policy.changed()
+
+    # ---- results ----
+
+    def check_results(self, batch: Batch, token_ids: list[int]) -> list["Result"]:
+        """What a finished step's tokens do to its sequences; reads state, changes nothing (so it may raise)."""
+        results = []
+        for seq, token_id in zip(batch.sampled, token_ids):
+            if batch.is_current(seq):
+                results.append(self._check(seq, token_id))
+        return results
+
+    def _check(self, seq: Sequence, token_id: int) -> "Result":
+        params = seq.params
+        num_known = seq.num_tokens - seq.num_pending + 1  # with this token
+        stop = self.check_stop(seq, token_id) if params.stop else None
+        if not params.ignore_eos and token_id in self.eos_token_ids:
+            reason = "stop"
+        elif stop is not None and stop.cut is not None:
+            reason = "stop"
+        elif num_known - seq.num_prompt_tokens >= params.max_tokens or num_known >= self.max_model_len:
+            reason = "length"
+        else:
+            reason = None
+        return Result(seq, token_id, reason, stop)
+
+    def apply_results(self, batch: Batch, results: list["Result"]):
+        """Commit a finished step: its KV is written and its tokens are known. Never raises."""
+        bm = self.block_managers[batch.worker]
+        for seq, end in batch.written:
+            if batch.is_current(seq) and seq.worker == batch.worker:
+                bm.cache_blocks(seq, end)
+        for r in results:
+            seq = r.seq
+            seq.resolve(r.token_id)
+            seq.num_failures = 0
+            if r.stop is not None:
+                seq.detokenizer = r.stop
+            if r.reason is not None:
+                if r.stop is not None and r.stop.cut is not None:
+                    seq.text = r.stop.text[:r.stop.cut]
+                self._leave(seq)
+                self._finish(seq, r.reason)
+            elif seq.status == SequenceStatus.PREFILLING:
+                self.prefilling[seq.worker].remove(seq)
+                self._place(seq)
+        self.policy.note_step(batch)
+
+    def _place(self, seq: Sequence):
+        """A prompt is done: decode where the policy says, here or (after a KV copy) on another worker."""
+        seq.status = SequenceStatus.DECODING
+        self.decoding[seq.worker].append(seq)
+        destination = self.policy.place(seq)
+        if destination != seq.worker and seq.migration is None:
+            self.move(seq, destination)
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None):
+        seq.drop_pending()
+        seq.status, seq.finish_reason, seq.error = SequenceStatus.FINISHED, reason, error
+
+    # ---- migrations between workers ----
+
+    def move(self, seq: Sequence, destination: int):
+        """Mark a DECODING sequence to move; its copy starts once its last token is known (start_migrations)."""
+        seq.migration = (destination, [])
+        self.policy.changed()
+
+    def start_migrations(self) -> list[tuple[Sequence, list[tuple[int, int]]]]:
+        """Sequences whose KV copy can start now, with their (source block, destination block) pairs."""
+        self.policy.rebalance()
+        started = []
+        for queue in self.decoding:
+            for seq in [s for s in queue if s.migration is not None and s.num_pending == 0]:
+                destination, blocks = seq.migration
+                bm = self.block_managers[destination]
+                missing = seq.num_blocks - len(blocks)  # all of it, or growth since blocks were reserved at admission
+                if missing > 0 and bm.num_free_blocks - missing < (0 if blocks else self.watermark(destination)):
+                    if not blocks:
+                        seq.migration = None  # no room there after all: stay
+                        self.policy.changed()
+                    continue
+                blocks += bm.allocate_blocks(max(0, missing))
+                queue.remove(seq)
+                seq.status = SequenceStatus.MIGRATING
+                self.migrating.append(seq)
+                self.num_migrations += 1
+                started.append((seq, list(zip(seq.block_table, blocks))))
+        return started
+
+    def finish_migration(self, seq: Sequence):
+        """Its KV is on the destination: free the source blocks and decode there (or drop it if aborted)."""
+        self.migrating.remove(seq)
+        self.block_managers[seq.worker].deallocate(seq)
+        destination, blocks = seq.migration
+        seq.migration = None
+        if seq.is_finished:  # aborted in transit
+            self.block_managers[destination].free_blocks(blocks)
+            return
+        seq.worker, seq.block_table, seq.num_hashed_blocks = destination, blocks, 0
+        seq.status = SequenceStatus.DECODING
+        self.decoding[destination].append(seq)
+        self.policy.changed()
+
+    # ---- failures ----
+
+    def rollback(self, batches: list[Batch], error: BaseException | None,
+                 migrations: list[Sequence] = ()) -> list[Sequence]:
+        """Steps (and copies) that failed or were interrupted: send their sequences back to be recomputed.
+
+        The caller has waited for the devices, so no copy still touches the blocks freed here. Each sequence is
+        WAITING again with its known tokens; KV its steps were writing was never named in the prefix cache. A
+        request in MAX_FAILURES failed steps in a row fails with the error instead (Ctrl-C does not count).
+        Returns the requests that failed for good.
+        """
+        victims = {seq.seq_id: seq for seq in migrations}
+        for batch in batches:
+            victims.update((seq.seq_id, seq) for seq in batch.seqs if batch.is_current(seq))
+        failed = []
+        for seq in sorted(victims.values(), key=lambda s: s.seq_id, reverse=True):
+            if seq.status == SequenceStatus.WAITING:
+                continue
+            if seq.is_finished:  # aborted in transit: only its blocks are left
+                self.finish_migration(seq)
+                continue
+            self._leave(seq)
+            seq.reset()
+            if isinstance(error, Exception):
+                seq.num_failures += 1
+            if seq.num_failures >= MAX_FAILURES:
+                self._finish(seq, "error", f"{type(error).__name__}: {error}")
+                failed.append(seq)
+            else:
+                self.waiting.appendleft(seq)
+        return failed
+
+
+@dataclass
+class Result:
+    """What one sampled token does to its sequence (see Scheduler.check_results)."""
+    seq: Sequence
+    token_id: int
+    reason: str | None  # finish reason, or None to go on
+    stop: object = None  # the stop-string checker's new state (engine/detokenizer.py), when the request has stops
+
+
+# ---- policies ----
+
+class SingleDevice:
+    """One worker prefills and decodes everything."""
+    prefill_worker = 0
+
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler = scheduler
+
+    def can_admit(self, seq: Sequence) -> bool:
         return True
 
-    def _free(self, seq: Sequence):
-        if self.pd and seq.decode_block_table:  # PD: finished by its prefill, so nothing to transfer
-            self.prefill_block_manager.deallocate(seq)
-            self.block_manager.free_blocks(seq.decode_block_table)
-            seq.decode_block_table = []
-            self.num_in_prefill -= 1
-        else:
-            self.running.remove(seq)
-            self.block_manager.deallocate(seq)
+    def admitted(self, seq: Sequence):
+        pass
 
-    # ---- PD mode: hand-over from the prefill device to the decode device ----
+    def place(self, seq: Sequence) -> int:
+        """The worker on which a sequence whose prompt is done decodes."""
+        return seq.worker
 
-    def get_prefilled_sequences(self) -> list[Sequence]:
-        """Sequences whose prefill finished since the last call and that go on decoding: their KV is to be
-        copied to the decode device (see transfer_pairs), then finish_transfer hands them over."""
-        seqs, self.prefilled = self.prefilled, []
-        return seqs
+    def note_step(self, batch: Batch):
+        pass
 
-    def transfer_pairs(self, seqs: list[Sequence]) -> list[tuple[int, int]]:
-        """(prefill block, decode block) pairs to copy for prefilled sequences that go on decoding."""
-        return [pair for seq in seqs for pair in zip(seq.block_table, seq.decode_block_table)]
+    def changed(self):
+        pass
 
-    def finish_transfer(self, seqs: list[Sequence]):
-        """The KV of `seqs` is on the decode device: release prefill-side blocks and start decoding."""
-        for seq in seqs:
-            self.prefill_block_manager.deallocate(seq)
-            seq.block_table, seq.decode_block_table = seq.decode_block_table, []
-            self.num_in_prefill -= 1
-            self.running.append(seq)
+    def rebalance(self):
+        pass
+
+
+class StaticPD(SingleDevice):
+    """Worker 0 only prefills, worker 1 only decodes (M1). A prompt is admitted only when worker 1 can hold
+    it: its decode blocks are reserved at admission (back-pressure), and the sequence always moves."""
+
+    def can_admit(self, seq: Sequence) -> bool:
+        s = self.scheduler
+        in_flight = len(s.decoding[1]) + len(s.migrating) + len(s.prefilling[0])
+        return in_flight < s.max_num_seqs and s.block_managers[1].num_free_blocks - seq.num_blocks >= s.watermark(1)
+
+    def admitted(self, seq: Sequence):
+        seq.migration = (1, self.scheduler.block_managers[1].allocate_blocks(seq.num_blocks))
+
+    def place(self, seq: Sequence) -> int:
+        return 1  # its blocks there were reserved at admission
+
+
+class AdaptivePD(SingleDevice):
+    """Both workers decode; worker 0 also prefills, with priority. A finished prompt decodes where the
+    projected step time is lower, and running sequences move between the workers to keep them balanced.
+
+    A worker's load is the KV it reads per decode step, in tokens (the sum of its sequences' lengths), plus,
+    on worker 0, its recent prefill work in the same units: a prompt token costs about as much time as reading
+    `prefill_token_cost` tokens of KV (for a matmul:bandwidth ratio near an H100's). Worker 1 takes every
+    sequence while its load stays below worker 0's, so with light traffic this is pure PD and no prefill ever
+    pauses a decode; past that, worker 0's spare time and memory decode the rest.
+    """
+
+    def __init__(self, scheduler: Scheduler):
+        super().__init__(scheduler)
+        hf = scheduler.config.hf_config
+        kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        kv_bytes_per_token = 2 * hf.num_hidden_layers * kv_heads * head_dim * 2
+        params = hf.num_hidden_layers * (hf.hidden_size * (hf.num_attention_heads + kv_heads) * head_dim * 2
+                                         + 3 * hf.hidden_size * hf.intermediate_size)
+        self.prefill_token_cost = 2 * params / MATMUL_PER_BYTE / kv_bytes_per_token
+        self.prefill_rate = 0.0  # worker 0's prompt tokens per step, moving average
+        self._loads: list[float] | None = None
+
+    def can_admit(self, seq: Sequence) -> bool:
+        s = self.scheduler
+        running = sum(map(len, s.decoding)) + len(s.migrating) + sum(map(len, s.prefilling))
+        return running < s.max_num_seqs * s.num_workers
+
+    def note_step(self, batch: Batch):
+        if batch.worker == self.prefill_worker:
+            tokens = sum(end - start for _, start, end in batch.prefills)
+            self.prefill_rate = 0.9 * self.prefill_rate + 0.1 * tokens
+        self._loads = None
+
+    def changed(self):
+        self._loads = None
+
+    def loads(self) -> list[float]:
+        if self._loads is None:
+            s = self.scheduler
+            loads = [0.0] * s.num_workers
+            for w, queue in enumerate(s.decoding):
+                for seq in queue:
+                    loads[seq.migration[0] if seq.migration else w] += seq.num_tokens
+            for seq in s.migrating:
+                loads[seq.migration[0]] += seq.num_tokens
+            loads[self.prefill_worker] += self.prefill_rate * self.prefill_token_cost
+            self._loads = loads
+        return self._loads
+
+    def has_room(self, worker: int, seq: Sequence) -> bool:
+        s = self.scheduler
+        return (s.block_managers[worker].num_free_blocks - seq.num_blocks >= s.watermark(worker)
+                and len(s.decoding[worker]) < s.max_num_seqs)
+
+    def place(self, seq: Sequence) -> int:
+        loads = self.loads()
+        loads[seq.worker] -= seq.num_tokens  # counted there while deciding
+        target = min(range(len(loads)), key=lambda w: (loads[w], -w))
+        if target != seq.worker and not self.has_room(target, seq):
+            target = seq.worker
+        loads[target] += seq.num_tokens
+        return target
+
+    def rebalance(self):
+        """Move sequences off the busier worker while that narrows the gap (a few per step)."""
+        s = self.scheduler
+        for _ in range(MAX_MOVES_PER_STEP):
+            loads = self.loads()
+            busy, idle = sorted(range(len(loads)), key=loads.__getitem__, reverse=True)[:2]
+            gap = loads[busy] - loads[idle]
+            movable = [seq for seq in s.decoding[busy] if seq.migration is None and seq.num_tokens <= gap / 2
+                       and self.has_room(idle, seq)]
+            if not movable:
+                return
+            seq = max(movable, key=lambda q: q.params.max_tokens - q.num_completion_tokens)  # most work left
+            s.move(seq, idle)
+            loads[busy] -= seq.num_tokens
+            loads[idle] += seq.num_tokens
+            self._loads = loads
+
+
+MATMUL_PER_BYTE = 250  # flop/s over bytes/s: H100 ~295, H200 ~206
+MAX_MOVES_PER_STEP = 4
+
+
+def make_policy(config: Config, scheduler: Scheduler) -> SingleDevice:
+    if not config.enable_two_gpu_pd:
+        return SingleDevice(scheduler)
+    return {"static": StaticPD, "adaptive": AdaptivePD}[config.pd_policy](scheduler)

@@ -1,0 +1,41 @@
+"""Stop strings, checked incrementally: each new token decodes a few tokens, not the whole completion."""
+from dataclasses import dataclass
+
+from nanovllm.engine.sequence import Sequence
+
+CONTEXT_TOKENS = 4  # tokens decoded again before the new ones, so that merges across tokens come out right
+
+
+@dataclass(frozen=True)
+class StopState:
+    """The completion's text so far, and where the first stop string starts in it (None: not yet)."""
+    text: str = ""
+    num_tokens: int = 0  # completion tokens the text covers
+    read_offset: int = 0  # text up to this token is final; the ones after may still change (partial UTF-8)
+    cut: int | None = None
+
+
+class StopChecker:
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, seq: Sequence, token_id: int) -> StopState:
+        """The state after `token_id` joins the known completion of `seq`. Pure: the caller commits it."""
+        state = seq.detokenizer or StopState()
+        tokens = seq.completion_token_ids + [token_id]
+        assert state.num_tokens == len(tokens) - 1
+        prefix_start = max(0, state.read_offset - CONTEXT_TOKENS)
+        prefix = self._decode(tokens[prefix_start:state.read_offset])
+        full = self._decode(tokens[prefix_start:])
+        new_text, read_offset = "", state.read_offset
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):  # an incomplete character waits for the next
+            new_text, read_offset = full[len(prefix):], len(tokens)
+        text = state.text + new_text
+        longest = max(map(len, seq.params.stop))
+        search_from = max(0, len(state.text) - longest + 1)
+        cuts = [i for i in (text.find(stop, search_from) for stop in seq.params.stop) if i != -1]
+        return StopState(text, len(tokens), read_offset, min(cuts) if cuts else None)
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
