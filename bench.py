@@ -122,8 +122,7 @@ def _run_nanovllm(args, prompts, output_lens, devices) -> dict:
 
 
 def _block_managers(llm) -> list:
-    s = llm.scheduler
-    return [s.prefill_block_manager, s.block_manager] if s.pd else [s.block_manager]
+    return llm.scheduler.block_managers
 
 
 def _profile_steps(llm, first: int, count: int):
