@@ -23,19 +23,20 @@ class StopChecker:
     def __call__(self, seq: Sequence, token_id: int) -> StopState:
         """The state after `token_id` joins the known completion of `seq`. Pure: the caller commits it."""
         state = seq.detokenizer or StopState()
-        tokens = seq.completion_token_ids + [token_id]
-        assert state.num_tokens == len(tokens) - 1
+        num_tokens = state.num_tokens + 1
+        assert seq.num_prompt_tokens + num_tokens == seq.num_tokens - seq.num_pending + 1
         prefix_start = max(0, state.read_offset - CONTEXT_TOKENS)
-        prefix = self._decode(tokens[prefix_start:state.read_offset])
-        full = self._decode(tokens[prefix_start:])
+        tokens = seq.token_ids[seq.num_prompt_tokens + prefix_start:seq.num_prompt_tokens + num_tokens - 1] + [token_id]
+        prefix = self._decode(tokens[:state.read_offset - prefix_start])
+        full = self._decode(tokens)
         new_text, read_offset = "", state.read_offset
         if len(full) > len(prefix) and not full.endswith("\ufffd"):  # an incomplete character waits for the next
-            new_text, read_offset = full[len(prefix):], len(tokens)
+            new_text, read_offset = full[len(prefix):], num_tokens
         text = state.text + new_text
         longest = max(map(len, seq.params.stop))
         search_from = max(0, len(state.text) - longest + 1)
         cuts = [i for i in (text.find(stop, search_from) for stop in seq.params.stop) if i != -1]
-        return StopState(text, len(tokens), read_offset, min(cuts) if cuts else None)
+        return StopState(text, num_tokens, read_offset, min(cuts) if cuts else None)
 
     def _decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)

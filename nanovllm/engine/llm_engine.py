@@ -255,9 +255,9 @@ class LLMEngine:
     def _retire_transfer(self, transfer: tuple[KVTransfer, list[Sequence]]):
         kv_transfer, seqs = transfer
         with _sigint_deferred():
-            self.transfers.remove(transfer)
             for seq in seqs:
                 self.scheduler.finish_migration(seq)
+            self.transfers.remove(transfer)  # last: should the hand-over fail, rollback still sees the copy
             self.stats["kv_seconds"] += kv_transfer.seconds()
 
     def _in_flight(self) -> bool:

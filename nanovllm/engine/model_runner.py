@@ -285,6 +285,10 @@ class PendingTokens:
     def done(self) -> bool:
         return self.event is None or self.event.query()
 
+    def wait(self):
+        if self.event is not None:
+            self.event.synchronize()
+
     def get(self) -> list[int]:
         if self.event is not None:
             self.event.synchronize()
