@@ -73,45 +73,50 @@ def near_tie_gaps(path, batch, a, b) -> list[float]:
 
 
 @needs_two_gpus
-def test_pd_matches_single_gpu_bf16(qwen3_06b):
+@pytest.mark.parametrize("policy", ["adaptive", "static"])
+def test_pd_matches_single_gpu_bf16(qwen3_06b, policy):
     # bf16 kernels may round differently on the two paths (e.g. torch.compile picks reduction
     # configs per device from the first shape it sees), which can flip a near-tie: any divergence
     # must be one, judged by transformers' logits (the same bound as tests/test_gpu.py).
     batch = prompts(24, 20, 600, seed=1)
     single = generate(qwen3_06b, batch, max_model_len=2048)
     devices = []
-    pd = generate(qwen3_06b, batch, **PD_GPUS, inspect=lambda llm: devices.extend(
+    pd = generate(qwen3_06b, batch, **PD_GPUS, pd_policy=policy, inspect=lambda llm: devices.extend(
         [llm.prefill_runner.kv_cache.device, llm.decode_runner.kv_cache.device]))
     assert devices == [torch.device("cuda:0"), torch.device("cuda:1")]
     matched = sum(next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), len(x)) for x, y in zip(pd, single))
     gaps = near_tie_gaps(qwen3_06b, batch, pd, single)
-    print(f"\nbf16 PD vs single: {sum(x == y for x, y in zip(pd, single))}/{len(batch)} sequences identical, "
+    print(f"\nbf16 PD ({policy}) vs single: {sum(x == y for x, y in zip(pd, single))}/{len(batch)} sequences identical, "
           f"{matched}/{sum(map(len, pd))} tokens before the first divergence; logit gaps there: "
           f"{[round(g, 4) for g in gaps]}")
     assert all(g <= 0.1 for g in gaps)
 
 
 @needs_two_gpus
-def test_pd_under_back_pressure_and_preemption_fp32(qwen3_06b):
-    # Many requests, a decode side of 24 blocks (6144 tokens): admission waits, decode preempts.
+@pytest.mark.parametrize("policy", ["adaptive", "static"])
+def test_pd_under_back_pressure_and_preemption_fp32(qwen3_06b, policy):
+    # Many requests and small KV pools (24 blocks of 256 tokens on each GPU in adaptive mode, on the decode
+    # GPU in static mode): admission waits, decoding preempts, and (adaptive) sequences move between GPUs.
     # Batches differ between the modes here, so compare in fp32, where rounding cannot flip a token.
     batch = prompts(48, 100, 800, seed=2)
     params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
     single = generate(qwen3_06b, batch, params, dtype="float32", max_model_len=2048)
     engines = []
-    pd = generate(qwen3_06b, batch, params, dtype="float32", num_kv_cache_blocks=24, **PD_GPUS,
+    pools = dict(num_kv_cache_blocks=24, num_prefill_kv_cache_blocks=24 if policy == "adaptive" else -1)
+    pd = generate(qwen3_06b, batch, params, dtype="float32", **pools, **PD_GPUS, pd_policy=policy,
                   inspect=lambda llm: engines.append((llm.scheduler, llm.stats)))
     s, stats = engines[0]
-    print(f"\nback-pressure stalls {s.num_backpressure_stalls}, preemptions {s.num_preemptions}, "
-          f"prefill-side peak blocks {s.block_managers[0].peak_used_blocks} of "
+    print(f"\n{policy}: back-pressure stalls {s.num_backpressure_stalls}, preemptions {s.num_preemptions}, "
+          f"migrations {s.num_migrations}, GPU0 peak blocks {s.block_managers[0].peak_used_blocks} of "
           f"{s.block_managers[0].num_blocks}, KV moved {stats['kv_bytes'] / 1e9:.2f} GB in "
           f"{stats['kv_copies']} copies")
     assert pd == single
-    assert s.num_backpressure_stalls > 0 and s.num_preemptions > 0
-    prompt_blocks = sum(-(-len(p) // 256) for p in batch)
-    assert s.block_managers[0].peak_used_blocks < prompt_blocks  # it never held every prompt at once
-    assert s.block_managers[0].num_free_blocks == s.block_managers[0].num_blocks
-    assert s.block_managers[1].num_free_blocks == s.block_managers[1].num_blocks
+    assert s.num_backpressure_stalls > 0 and s.num_preemptions > 0 and s.num_migrations > 0
+    if policy == "static":
+        prompt_blocks = sum(-(-len(p) // 256) for p in batch)
+        assert s.block_managers[0].peak_used_blocks < prompt_blocks  # it never held every prompt at once
+    for bm in s.block_managers:
+        assert bm.num_free_blocks == bm.num_blocks
 
 
 @needs_two_gpus
