@@ -43,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cpu to run everything on the CPU (PD mode: cpu/cpu)")
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an engine option (Config field) for the nanovllm modes, e.g. pd_policy=static; repeatable")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--profile", type=int, default=0, metavar="STEP",
                    help="profile 10 engine steps from this one and print the top kernels (slows that run)")
@@ -87,7 +89,7 @@ def _devices(args) -> list[str]:
 
 def _run_nanovllm(args, prompts, output_lens, devices) -> dict:
     from nanovllm import LLM, SamplingParams
-    options = dict(max_model_len=args.max_model_len, enforce_eager=args.enforce_eager)
+    options = dict(max_model_len=args.max_model_len, enforce_eager=args.enforce_eager, **_options(args.option))
     if args.worker == "pd":
         pd_devices = ("cpu", "cpu") if devices == ["cpu"] else (0, 1)
         options.update(enable_two_gpu_pd=True, prefill_device_id=pd_devices[0], decode_device_id=pd_devices[1])
@@ -119,6 +121,18 @@ def _run_nanovllm(args, prompts, output_lens, devices) -> dict:
                       kv_transfer_gb_s=s["kv_bytes"] / s["kv_seconds"] / 1e9 if s["kv_seconds"] else None,
                       backpressure_stalls=llm.scheduler.num_backpressure_stalls)
     return result
+
+
+def _options(pairs: list[str]) -> dict:
+    import ast
+    options = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = value
+    return options
 
 
 def _block_managers(llm) -> list:

@@ -421,7 +421,8 @@ class AdaptivePD(SingleDevice):
         params = hf.num_hidden_layers * (hf.hidden_size * (hf.num_attention_heads + kv_heads) * head_dim * 2
                                          + 3 * hf.hidden_size * hf.intermediate_size)
         self.prefill_token_cost = 2 * params / MATMUL_PER_BYTE / kv_bytes_per_token
-        self.prefill_rate = 0.0  # worker 0's prompt tokens per step, moving average
+        self.prefill_rate = 0.0  # prompt tokens worker 0 computes per engine step, moving average
+        self._prefill_tokens = 0  # since the last engine step
         self._loads: list[float] | None = None
 
     def can_admit(self, seq: Sequence) -> bool:
@@ -431,8 +432,7 @@ class AdaptivePD(SingleDevice):
 
     def note_step(self, batch: Batch):
         if batch.worker == self.prefill_worker:
-            tokens = sum(end - start for _, start, end in batch.prefills)
-            self.prefill_rate = 0.9 * self.prefill_rate + 0.1 * tokens
+            self._prefill_tokens += sum(end - start for _, start, end in batch.prefills)
         self._loads = None
 
     def changed(self):
@@ -466,12 +466,17 @@ class AdaptivePD(SingleDevice):
         return target
 
     def rebalance(self):
-        """Move sequences off the busier worker while that narrows the gap (a few per step)."""
+        """Once per engine step: move sequences off the busier worker while that narrows the gap (a few)."""
+        self.prefill_rate = 0.9 * self.prefill_rate + 0.1 * self._prefill_tokens  # decays while worker 0 idles
+        self._prefill_tokens = 0
+        self._loads = None
         s = self.scheduler
         for _ in range(MAX_MOVES_PER_STEP):
             loads = self.loads()
             busy, idle = sorted(range(len(loads)), key=loads.__getitem__, reverse=True)[:2]
             gap = loads[busy] - loads[idle]
+            if gap < REBALANCE_GAP * sum(loads):
+                return
             movable = [seq for seq in s.decoding[busy] if seq.migration is None and seq.num_tokens <= gap / 2
                        and self.has_room(idle, seq)]
             if not movable:
@@ -485,6 +490,7 @@ class AdaptivePD(SingleDevice):
 
 MATMUL_PER_BYTE = 250  # flop/s over bytes/s: H100 ~295, H200 ~206
 MAX_MOVES_PER_STEP = 4
+REBALANCE_GAP = 0.1  # a gap under this share of the total load is left alone: moves cost a copy and a step
 
 
 def make_policy(config: Config, scheduler: Scheduler) -> SingleDevice:
