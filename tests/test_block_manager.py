@@ -112,7 +112,7 @@ def test_decode_grows_a_block_at_the_boundary_and_names_full_blocks():
     assert len(a.block_table) == 2
     a.resolve(4)
     for t in (5, 6, 7):
-        a.token_ids.append(t)
+        a.append_token(t)
     bm.cache_blocks(a, 8)
     assert bm.blocks[a.block_table[1]].hash == BlockManager.compute_hash([4, 5, 6, 7], bm.blocks[a.block_table[0]].hash)
 

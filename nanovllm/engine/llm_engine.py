@@ -34,7 +34,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 PIPELINE_DEPTH = 2  # steps in flight per worker: the host prepares the next while the device runs one
 
 
-@dataclass
+@dataclass(slots=True)
 class StepOutput:
     """What one step did for one request. `token_ids` (the whole completion) is set once it finishes."""
     request_id: int
@@ -214,13 +214,13 @@ class LLMEngine:
             worker.in_flight.popleft()
             self.scheduler.apply_results(batch, results)
             self._count(batch)
-            return [self._output(r.seq, r.token_id) for r in results]
+            return [self._output(seq, token_id) for seq, token_id, _, _ in results]
 
     def _output(self, seq: Sequence, token_id: int | None) -> StepOutput:
-        if seq.is_finished:
-            self.requests.pop(seq.seq_id, None)
-        return StepOutput(seq.seq_id, token_id, seq.is_finished, seq.finish_reason,
-                          seq.completion_token_ids if seq.is_finished else None, seq.text, seq.error)
+        if not seq.is_finished:
+            return StepOutput(seq.seq_id, token_id, False)
+        self.requests.pop(seq.seq_id, None)
+        return StepOutput(seq.seq_id, token_id, True, seq.finish_reason, seq.completion_token_ids, seq.text, seq.error)
 
     def _report(self, seq: Sequence):
         """A request ended outside a step: deliver its output with the next step."""

@@ -2,6 +2,7 @@ import contextlib
 import logging
 import time
 
+import numpy as np
 import torch
 
 from nanovllm.config import Config
@@ -121,11 +122,15 @@ class ModelRunner:
         return to_device(data, dtype, self.device)
 
     def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
-        width = max(len(seq.block_table) for seq in seqs)
-        return self._tensor([seq.block_table + [-1] * (width - len(seq.block_table)) for seq in seqs], torch.int32)
+        tables = np.full((len(seqs), max(len(seq.block_table) for seq in seqs)), -1, dtype=np.int32)
+        for row, seq in zip(tables, seqs):
+            row[:len(seq.block_table)] = seq.block_table
+        return to_device(tables, torch.int32, self.device)
 
-    def _slot(self, seq: Sequence, position: int) -> int:
-        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
+    def _slots(self, seq: Sequence, start: int, end: int) -> np.ndarray:
+        """Cache slots of tokens [start, end) of `seq`."""
+        positions = np.arange(start, end)
+        return np.asarray(seq.block_table)[positions // self.block_size] * self.block_size + positions % self.block_size
 
     def prepare_prefill(self, chunks: list[tuple[Sequence, int, int]]) -> tuple[torch.Tensor, torch.Tensor, Context]:
         """Inputs for computing the KV of tokens [start, end) of each sequence, over its context [0, end)."""
@@ -134,35 +139,38 @@ class ModelRunner:
         has_context = any(start for _, start, _ in chunks)
         for seq, start, end in chunks:
             input_ids.extend(seq[start:end])
-            positions.extend(range(start, end))
+            positions.append(np.arange(start, end))
             cu_seqlens_q.append(cu_seqlens_q[-1] + end - start)
             cu_seqlens_k.append(cu_seqlens_k[-1] + end)
             if not seq.block_table:  # warm-up: no KV cache yet
                 continue
-            slot_mapping.extend(self._slot(seq, p) for p in range(start, end))
+            slot_mapping.append(self._slots(seq, start, end))
             if has_context:
-                context_slots.extend(self._slot(seq, p) for p in range(end))
+                context_slots.append(self._slots(seq, 0, end))
         ctx = Context(
-            is_prefill=True, slot_mapping=self._tensor(slot_mapping, torch.int32),
+            is_prefill=True, slot_mapping=self._tensor(_concat(slot_mapping), torch.int32),
             cu_seqlens_q=self._tensor(cu_seqlens_q, torch.int32), cu_seqlens_k=self._tensor(cu_seqlens_k, torch.int32),
             max_seqlen_q=max(end - start for _, start, end in chunks), max_seqlen_k=max(end for _, _, end in chunks),
-            prefix_slots=self._tensor(context_slots, torch.int64) if has_context else None,
+            prefix_slots=self._tensor(_concat(context_slots), torch.int64) if has_context else None,
             block_tables=self._block_tables([seq for seq, _, _ in chunks]) if has_context else None)
-        return self._tensor(input_ids, torch.int64), self._tensor(positions, torch.int64), ctx
+        return self._tensor(input_ids, torch.int64), self._tensor(_concat(positions), torch.int64), ctx
 
     def prepare_decode(self, decodes: list[tuple[Sequence, int, int]]) -> tuple[torch.Tensor, torch.Tensor, Context]:
-        """Inputs for one token per sequence (token end - 1), whose id may still be PENDING on this device."""
-        seqs = [seq for seq, _, _ in decodes]
-        input_ids = self._tensor([max(seq[end - 1], 0) for seq, end, _ in decodes], torch.int64)
-        rows = [row for _, _, row in decodes]
-        if any(row >= 0 for row in rows):  # sampled by the previous step: take them from its output here
-            rows = self._tensor(rows, torch.int64)
-            input_ids = torch.where(rows >= 0, self.last_sampled[rows.clamp(min=0)], input_ids)
-        positions = self._tensor([end - 1 for _, end, _ in decodes], torch.int64)
-        ctx = Context(is_prefill=False, slot_mapping=self._tensor([self._slot(seq, end - 1) for seq, end, _ in decodes],
-                                                                  torch.int32),
-                      context_lens=self._tensor([end for _, end, _ in decodes], torch.int32),
-                      block_tables=self._block_tables(seqs))
+        """Inputs for one token per sequence (token end - 1), whose id may still be PENDING on this device.
+        All of it goes to the device in one copy (host work per step is what limits small models)."""
+        bs = self.block_size
+        rows = []
+        for seq, end, row in decodes:
+            p = end - 1
+            rows.append((seq.token_ids[p], row, p, seq.block_table[p // bs] * bs + p % bs, end))
+        host = np.array(rows, dtype=np.int64).T.copy()  # [5, batch]: ids, pending rows, positions, slots, lengths
+        pending = host[1] >= 0
+        host[0, pending] = 0
+        input_ids, prev_rows, positions, slot_mapping, context_lens = to_device(host, torch.int64, self.device)
+        if pending.any():  # sampled by the previous step: take them from its output, on the device
+            input_ids = torch.where(prev_rows >= 0, self.last_sampled[prev_rows.clamp(min=0)], input_ids)
+        ctx = Context(is_prefill=False, slot_mapping=slot_mapping, context_lens=context_lens,
+                      block_tables=self._block_tables([seq for seq, _, _ in decodes]))
         return input_ids, positions, ctx
 
     # ---- running ----
@@ -243,6 +251,10 @@ class ModelRunner:
         v["block_tables"][:bs, :ctx.block_tables.size(1)] = ctx.block_tables
         self.graphs[graph_bs].replay()
         return v["outputs"][:bs]
+
+
+def _concat(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
 
 
 class StepTimer:

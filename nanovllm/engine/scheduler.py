@@ -19,6 +19,8 @@ from nanovllm.config import Config
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.sequence import Sequence, SequenceStatus
 
+DECODING, FINISHED, PREFILLING = SequenceStatus.DECODING, SequenceStatus.FINISHED, SequenceStatus.PREFILLING
+
 MAX_FAILURES = 3  # a request that was in this many failed steps in a row fails with the error
 
 
@@ -31,6 +33,7 @@ class Batch:
     prefills: list[tuple[Sequence, int, int]] = field(default_factory=list)  # (seq, start, end): KV of tokens [start, end)
     sampled: list[Sequence] = field(default_factory=list)  # decodes first, then the prompts this step completes
     epochs: dict[int, int] = field(default_factory=dict)  # seq_id -> epoch at launch: a reset since makes it stale
+    resets: int = 0  # the scheduler's reset count at launch: unchanged at commit, no sequence can be stale
 
     def __bool__(self):
         return bool(self.decodes or self.prefills)
@@ -43,11 +46,6 @@ class Batch:
         """Indices in `prefills` of the chunks that end their prompt, and so sample its next token."""
         completing = {seq.seq_id for seq in self.sampled[len(self.decodes):]}
         return [i for i, (seq, _, _) in enumerate(self.prefills) if seq.seq_id in completing]
-
-    @property
-    def written(self) -> list[tuple[Sequence, int]]:
-        """(seq, number of its leading tokens whose KV is written once the step is done)."""
-        return [(seq, end) for seq, end, _ in self.decodes] + [(seq, end) for seq, _, end in self.prefills]
 
     def is_current(self, seq: Sequence) -> bool:
         return self.epochs.get(seq.seq_id) == seq.epoch and not seq.is_finished
@@ -65,6 +63,7 @@ class Scheduler:
         self.eos_token_ids = set(config.eos_token_ids)
         self.check_stop = check_stop  # stop-string check, supplied by the engine (needs the tokenizer)
         self.block_managers = block_managers
+        self.block_size = config.kv_cache_block_size
         self.num_workers = len(block_managers)
         self.check_capacity()
         self.waiting: deque[Sequence] = deque()
@@ -72,6 +71,7 @@ class Scheduler:
         self.decoding: list[list[Sequence]] = [[] for _ in block_managers]
         self.migrating: list[Sequence] = []
         self.policy = make_policy(config, self)
+        self.num_resets = 0  # sequences reset so far (preempted, rolled back, aborted)
         self.num_preemptions = 0
         self.num_migrations = 0
         self.num_backpressure_stalls = 0  # steps in which admission waited for room to decode
@@ -117,7 +117,7 @@ class Scheduler:
 
     def schedule(self, worker: int) -> Batch:
         """The next step's work for `worker`: its decodes, then prompt chunks within the token budget."""
-        batch = Batch(worker)
+        batch = Batch(worker, resets=self.num_resets)
         try:
             self._schedule_decodes(batch)
             self._schedule_prefills(batch)
@@ -127,21 +127,44 @@ class Scheduler:
         return batch
 
     def _schedule_decodes(self, batch: Batch):
-        """One token for each sequence decoding here; when blocks run out, the newest sequences are preempted."""
-        queue, bm = self.decoding[batch.worker], self.block_managers[batch.worker]
+        """One token for each sequence decoding here; when blocks run out, the newest sequences are preempted.
+        (The hot loop of the host: it runs for every sequence at every step, so it is written flat.)"""
+        if not self.chunk_tokens and batch.worker == self.policy.prefill_worker and self._can_admit_now(batch.worker):
+            return  # chunking off: prompts go first, in steps of their own, and decodes wait (nano-vllm's policy)
+        queue, bm, block_size = self.decoding[batch.worker], self.block_managers[batch.worker], self.block_size
+        decodes, sampled, epochs = batch.decodes, batch.sampled, batch.epochs
         i = 0
-        while i < len(queue) and len(batch.decodes) < self.max_num_seqs:
+        while i < len(queue) and len(decodes) < self.max_num_seqs:
             seq = queue[i]
-            if seq.migration is not None or seq.num_pending >= 2 or self._will_finish(seq):
-                i += 1  # sits this step out: moving away, or its last token is in flight
-                continue
-            while bm.blocks_needed(seq) > bm.num_free_blocks and seq.status == SequenceStatus.DECODING:
-                self.preempt(queue[-1])
-            if seq.status == SequenceStatus.DECODING:
-                bm.grow(seq)
-                batch.decodes.append((seq, seq.num_tokens, seq.sampled_row if seq.num_pending else -1))
-                self._launched(batch, seq, seq.num_tokens)
-                i += 1
+            i += 1
+            if seq.migration is not None or (seq.num_pending and self._will_finish(seq)):
+                continue  # sits this step out: moving away, or its last token is in flight
+            n = seq.num_tokens
+            if n > len(seq.block_table) * block_size and not self._grow(queue, seq, bm):
+                break  # it was the newest, and preempted itself
+            decodes.append((seq, n, seq.sampled_row if seq.num_pending else -1))
+            epochs[seq.seq_id] = seq.epoch
+            seq.num_computed_tokens = n
+            seq.sampled_row = len(sampled)
+            sampled.append(seq)
+            seq.append_pending()
+
+    def _grow(self, queue: list[Sequence], seq: Sequence, bm: BlockManager) -> bool:
+        """A block for `seq`'s next token, preempting the newest sequences until one is free."""
+        while bm.blocks_needed(seq) > bm.num_free_blocks:
+            victim = queue[-1]
+            self.preempt(victim)
+            if victim is seq:
+                return False
+        bm.grow(seq)
+        return True
+
+    def _can_admit_now(self, worker: int) -> bool:
+        if not self.waiting:
+            return False
+        seq = self.waiting[0]
+        bm = self.block_managers[worker]
+        return bm.num_free_blocks - seq.num_blocks >= self.watermark(worker) and self.policy.can_admit(seq)
 
     def _will_finish(self, seq: Sequence) -> bool:
         """Its PENDING token certainly ends it (length), so a step for the token after is wasted."""
@@ -153,7 +176,7 @@ class Scheduler:
         if w != self.policy.prefill_worker:
             return
         if batch.decodes and not self.chunk_tokens:
-            return  # chunking off: a prefill step runs alone
+            return  # chunking off: a prefill step runs alone (see _schedule_decodes)
         budget = self.chunk_tokens if batch.decodes else self.max_num_batched_tokens
         budget -= len(batch.decodes)
         num_seqs = len(batch.decodes)
@@ -197,8 +220,12 @@ class Scheduler:
         """Free the sequence's KV and queue it first, to be recomputed: nothing is dropped."""
         self.num_preemptions += 1
         self._leave(seq)
-        seq.reset()
+        self._reset(seq)
         self.waiting.appendleft(seq)
+
+    def _reset(self, seq: Sequence):
+        seq.reset()
+        self.num_resets += 1
 
     def _leave(self, seq: Sequence):
         """Take `seq` off its worker and free its blocks (and those reserved for it elsewhere)."""
@@ -215,49 +242,58 @@ class Scheduler:
 
     # ---- results ----
 
-    def check_results(self, batch: Batch, token_ids: list[int]) -> list["Result"]:
-        """What a finished step's tokens do to its sequences; reads state, changes nothing (so it may raise)."""
-        results = []
+    def check_results(self, batch: Batch, token_ids: list[int]) -> list[tuple]:
+        """(seq, token, finish reason or None, stop-string state) for each current row of a finished step.
+        Reads state and changes nothing, so it may raise (the stop-string check runs the tokenizer)."""
+        maybe_stale = batch.resets != self.num_resets
+        eos, max_model_len, results = self.eos_token_ids, self.max_model_len, []
         for seq, token_id in zip(batch.sampled, token_ids):
-            if batch.is_current(seq):
-                results.append(self._check(seq, token_id))
+            if seq.status is FINISHED or (maybe_stale and not batch.is_current(seq)):
+                continue
+            params = seq.params
+            num_known = seq.num_tokens - seq.num_pending + 1  # with this token
+            stop = self.check_stop(seq, token_id) if params.stop else None
+            if (token_id in eos and not params.ignore_eos) or (stop is not None and stop.cut is not None):
+                reason = "stop"
+            elif num_known - seq.num_prompt_tokens >= params.max_tokens or num_known >= max_model_len:
+                reason = "length"
+            else:
+                reason = None
+            results.append((seq, token_id, reason, stop))
         return results
 
-    def _check(self, seq: Sequence, token_id: int) -> "Result":
-        params = seq.params
-        num_known = seq.num_tokens - seq.num_pending + 1  # with this token
-        stop = self.check_stop(seq, token_id) if params.stop else None
-        if not params.ignore_eos and token_id in self.eos_token_ids:
-            reason = "stop"
-        elif stop is not None and stop.cut is not None:
-            reason = "stop"
-        elif num_known - seq.num_prompt_tokens >= params.max_tokens or num_known >= self.max_model_len:
-            reason = "length"
-        else:
-            reason = None
-        return Result(seq, token_id, reason, stop)
-
-    def apply_results(self, batch: Batch, results: list["Result"]):
+    def apply_results(self, batch: Batch, results: list[tuple]):
         """Commit a finished step: its KV is written and its tokens are known. Never raises."""
-        bm = self.block_managers[batch.worker]
-        for seq, end in batch.written:
-            if batch.is_current(seq) and seq.worker == batch.worker:
-                bm.cache_blocks(seq, end)
-        for r in results:
-            seq = r.seq
-            seq.resolve(r.token_id)
+        self._cache_written_blocks(batch)
+        for seq, token_id, reason, stop in results:
+            seq.token_ids[seq.num_tokens - seq.num_pending] = token_id
+            seq.num_pending -= 1
             seq.num_failures = 0
-            if r.stop is not None:
-                seq.detokenizer = r.stop
-            if r.reason is not None:
-                if r.stop is not None and r.stop.cut is not None:
-                    seq.text = r.stop.text[:r.stop.cut]
+            if reason is None and stop is None and seq.status is DECODING:
+                continue
+            if stop is not None:
+                seq.detokenizer = stop
+            if reason is not None:
+                if stop is not None and stop.cut is not None:
+                    seq.text = stop.text[:stop.cut]
                 self._leave(seq)
-                self._finish(seq, r.reason)
-            elif seq.status == SequenceStatus.PREFILLING:
+                self._finish(seq, reason)
+            elif seq.status is PREFILLING:
                 self.prefilling[seq.worker].remove(seq)
                 self._place(seq)
         self.policy.note_step(batch)
+
+    def _cache_written_blocks(self, batch: Batch):
+        """Name the blocks the step filled with KV, for the prefix cache."""
+        bm = self.block_managers[batch.worker]
+        if not bm.enable_prefix_caching:
+            return
+        maybe_stale, block_size = batch.resets != self.num_resets, self.block_size
+        written = [(seq, end) for seq, end, _ in batch.decodes] + [(seq, end) for seq, _, end in batch.prefills]
+        for seq, end in written:
+            if end >= (seq.num_hashed_blocks + 1) * block_size and seq.status is not FINISHED \
+                    and seq.worker == batch.worker and (not maybe_stale or batch.is_current(seq)):
+                bm.cache_blocks(seq, end)
 
     def _place(self, seq: Sequence):
         """A prompt is done: decode where the policy says, here or (after a KV copy) on another worker."""
@@ -336,7 +372,7 @@ class Scheduler:
                 self.finish_migration(seq)
                 continue
             self._leave(seq)
-            seq.reset()
+            self._reset(seq)
             if isinstance(error, Exception):
                 seq.num_failures += 1
             if seq.num_failures >= MAX_FAILURES:
@@ -345,15 +381,6 @@ class Scheduler:
             else:
                 self.waiting.appendleft(seq)
         return failed
-
-
-@dataclass
-class Result:
-    """What one sampled token does to its sequence (see Scheduler.check_results)."""
-    seq: Sequence
-    token_id: int
-    reason: str | None  # finish reason, or None to go on
-    stop: object = None  # the stop-string checker's new state (engine/detokenizer.py), when the request has stops
 
 
 # ---- policies ----

@@ -27,6 +27,7 @@ class Sequence:
         self.seq_id = next(Sequence.counter)
         self.status = SequenceStatus.WAITING
         self.token_ids = copy(token_ids)
+        self.num_tokens = len(token_ids)  # len(token_ids), kept as a field: the scheduler reads it very often
         self.num_prompt_tokens = len(token_ids)
         self.num_pending = 0  # trailing PENDING tokens
         self.num_computed_tokens = 0  # tokens whose KV is written or being written by launched steps
@@ -46,14 +47,10 @@ class Sequence:
         self.detokenizer = None  # incremental detokenizer state, for stop strings (see engine/stop.py)
 
     def __len__(self):
-        return len(self.token_ids)
+        return self.num_tokens
 
     def __getitem__(self, key):
         return self.token_ids[key]
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
 
     @property
     def last_token(self) -> int:
@@ -82,8 +79,13 @@ class Sequence:
     def block(self, i: int) -> list[int]:
         return self.token_ids[i * self.block_size: (i + 1) * self.block_size]
 
+    def append_token(self, token_id: int):
+        self.token_ids.append(token_id)
+        self.num_tokens += 1
+
     def append_pending(self):
         self.token_ids.append(PENDING)
+        self.num_tokens += 1
         self.num_pending += 1
 
     def resolve(self, token_id: int):
@@ -94,6 +96,7 @@ class Sequence:
     def drop_pending(self):
         if self.num_pending:
             del self.token_ids[-self.num_pending:]
+            self.num_tokens -= self.num_pending
             self.num_pending = 0
 
     def reset(self):

@@ -1,13 +1,15 @@
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
 def to_device(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host list as a tensor on `device`; on CUDA through pinned memory, without blocking the host."""
+    """A host list or numpy array as a tensor on `device`; on CUDA through pinned memory, without blocking."""
+    tensor = torch.from_numpy(np.asarray(data)).to(dtype) if isinstance(data, np.ndarray) else torch.tensor(data, dtype=dtype)
     if device.type != "cuda":
-        return torch.tensor(data, dtype=dtype)
-    return torch.tensor(data, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass
