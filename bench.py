@@ -50,7 +50,6 @@ from dataclasses import dataclass
 from multiprocessing.connection import wait
 
 MODES = ("single", "dp", "pd", "pd-static", "tp", "hf")
-LOAD_ALLOWANCE_S = 600  # loading, compiling and capturing graphs: how long a process may be silent at first
 SIBLING_FAILED = "stopped: another process of this mode failed"
 
 
@@ -77,7 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--slo-ttft-ms", type=float, default=1000.0, help="goodput: time to first token at most this")
     p.add_argument("--slo-tpot-ms", type=float, default=100.0, help="goodput: time per output token at most this")
     p.add_argument("--timeout", type=float, default=600.0,
-                   help="a timed run not done this many seconds after its last arrival fails (no hang)")
+                   help="seconds: a timed run not done this long after its last arrival fails, and so does a "
+                        "process that takes longer than this to load its model (no hangs)")
     p.add_argument("--device", choices=["cpu"], help="run everything on the CPU (pd: both sides on the CPU)")
     p.add_argument("--max-model-len", type=_positive_int, default=4096)
     p.add_argument("--enforce-eager", action="store_true")
@@ -107,8 +107,8 @@ def _rates(text: str) -> list[float]:
         rates = [float(r) for r in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers (req/s), got {text!r}") from None
-    if not all(0 < r < math.inf for r in rates):
-        raise argparse.ArgumentTypeError(f"request rates must be positive, got {text!r}")
+    if not all(0 < r < math.inf for r in rates) or len(set(rates)) < len(rates):
+        raise argparse.ArgumentTypeError(f"request rates must be positive and distinct, got {text!r}")
     return rates
 
 
@@ -197,8 +197,10 @@ def serve(mode: str, rank: int, args, runs: list[list[Request]], barrier, send):
     import torch
     from nanovllm import LLM, SamplingParams
     world = num_processes(mode, args)
-    if args.device == "cpu" and world > 1:
-        torch.set_num_threads(max(1, torch.get_num_threads() // world))  # the processes share the cores
+    if args.device == "cpu":
+        torch.set_num_threads(max(1, torch.get_num_threads() // world))  # dp's processes share the cores
+    elif mode == "dp":
+        torch.cuda.set_device(rank)  # whatever says just "cuda" stays on this process's own GPU
     llm = LLM(args.model, **engine_options(mode, rank, args))
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up: kernels compiled
     if args.profile and rank == 0:
@@ -449,8 +451,8 @@ def worker_context(args):
 
 
 def patience_s(args, runs: list[list[Request]]) -> float:
-    """How long one process may keep the others (or the parent) waiting: loading, or one timed run."""
-    return LOAD_ALLOWANCE_S + max((run[-1].arrival for run in runs if run), default=0.0) + args.timeout
+    """How long one process may keep the others (or the parent) waiting: loading, then a timed run."""
+    return args.timeout + max((run[-1].arrival for run in runs if run), default=0.0) + args.timeout
 
 
 def run_processes(context, mode: str, args, runs: list[list[Request]], processes: int) -> list[list[dict]]:

@@ -13,23 +13,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("bench-cache")  # the random checkpoint, written once for both runs
-
-
-def run_bench(cache_dir, out: Path, *flags) -> subprocess.CompletedProcess:
+def run_bench(model: str, out: Path, *flags) -> subprocess.CompletedProcess:
     # One thread per process: the tiny model's matmuls are faster that way, and dp's two processes share 2 cores.
-    return subprocess.run([sys.executable, str(ROOT / "bench.py"), "--random-model", "qwen3-tiny", "--cache-dir",
-                           str(cache_dir), "--device", "cpu", "--input-len", "8", "24", "--output-len", "4", "8",
-                           "--max-model-len", "128", "--json", str(out), *flags],
+    return subprocess.run([sys.executable, str(ROOT / "bench.py"), "--model", model, "--device", "cpu",
+                           "--input-len", "8", "24", "--output-len", "4", "8", "--max-model-len", "128",
+                           "--timeout", "120", "--json", str(out), *flags],
                           capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
-def test_offline_runs_every_mode_on_the_same_requests(cache_dir, tmp_path):
+def test_offline_runs_every_mode_on_the_same_requests(qwen3_path, tmp_path):
     # tp across 3 devices cannot split the tiny model's 4 heads: that mode must fail, and only that mode.
     out = tmp_path / "offline.json"
-    run = run_bench(cache_dir, out, "--modes", "single,dp,pd,tp,hf", "--tp-size", "3", "--num-requests", "4",
+    run = run_bench(qwen3_path, out, "--modes", "single,dp,pd,tp,hf", "--tp-size", "3", "--num-requests", "4",
                     "--hf-requests", "2")
     assert run.returncode == 1 and "1 mode(s) failed: tp" in run.stderr, run.stderr[-4000:]
     report = json.loads(out.read_text())
@@ -51,9 +46,9 @@ def test_offline_runs_every_mode_on_the_same_requests(cache_dir, tmp_path):
     assert report["machine"]["torch"] and report["machine"]["gpus"] == []
 
 
-def test_online_measures_latency_of_every_request(cache_dir, tmp_path):
+def test_online_measures_latency_of_every_request(qwen3_path, tmp_path):
     out = tmp_path / "online.json"
-    run = run_bench(cache_dir, out, "--modes", "single,dp", "--online", "50", "--num-requests", "6")
+    run = run_bench(qwen3_path, out, "--modes", "single,dp", "--online", "50", "--num-requests", "6")
     assert run.returncode == 0, run.stderr[-4000:]
     report = json.loads(out.read_text())
     results = {r["mode"]: r for r in report["results"]}
