@@ -1,31 +1,59 @@
-"""Offline throughput: nanovllm single-device vs PD (two GPUs) vs transformers, in one run.
+"""nanovllm against its baselines, every mode in one run: offline throughput, or online latency and goodput.
 
-    python bench.py --random-model qwen3-0.6b                      # all modes the machine allows
-    python bench.py --model /path/to/ckpt --modes single,pd --json results.json
+    python bench.py --random-model qwen3-0.6b              # offline, every mode the machine has the GPUs for
+    python bench.py --model /path/to/ckpt --modes single,dp,pd --json results.json
+    python bench.py --random-model qwen3-0.6b --modes single,dp,pd --online 10,20,40 \\
+        --num-requests 300 --input-len 1024 3072 --output-len 128 384
     python bench.py --random-model qwen3-tiny --device cpu --num-requests 4 --input-len 8 32 --output-len 4 8
 
-Workload (nano-vllm's): --num-requests requests with random token ids, input and output lengths uniform in
---input-len and --output-len, ignore_eos, temperature 0.6, fixed seed. The `hf` mode runs the first
---hf-requests of the same requests through transformers' batched `generate` (left padding, batches of
---hf-batch; every row of a batch generates the batch's longest output and only requested tokens count).
+Modes, all on the same requests:
+  single     one engine on one GPU
+  dp         --dp-size independent single-GPU engines, one per GPU, each in its own process; request i goes
+             to engine i mod N. What a user with N GPUs runs without PD.
+  pd         one engine: prefill on GPU 0, decode on GPU 1, the engine's default PD policy
+  pd-static  the same with pd_policy="static"
+  tp         one engine with tensor_parallel_size=--tp-size
+  hf         transformers' batched `generate` (offline only)
 
-Each mode runs in its own process, so one mode's memory never shows in another's. The roofline below the
-table is what decode must read (weights once per step, each sequence's KV once per token) and what
-prefill must compute, timed at this device's measured copy bandwidth and bf16 matmul rate.
+Requests (nano-vllm's workload): --num-requests prompts of random token ids, input and output lengths
+uniform in --input-len and --output-len, ignore_eos, temperature 0.6, fixed seed.
+
+Offline (the default): all requests are submitted at once; output tok/s over the wall time until the last
+one finishes. `hf` runs the first --hf-requests of them through `generate` (left padding, batches of
+--hf-batch; every row of a batch generates the batch's longest output and only requested tokens count).
+Below the table, a roofline: what decode must read (weights once per step, each sequence's KV once per
+token) and what prefill must compute, timed at this device's measured copy bandwidth and bf16 matmul rate.
+
+Online (--online RATES, in requests/s): for each rate, --num-requests requests arrive as a Poisson process
+(seeded: the same arrival times and requests for every mode). Each engine's loop adds the requests that
+have arrived, steps, and records when each token came back. Per mode and rate: TTFT (first token - arrival),
+TPOT ((last token - first token) / (tokens - 1), per request), inter-token latency (every gap between a
+request's consecutive tokens), and goodput: requests per second that meet both --slo-ttft-ms and
+--slo-tpot-ms (BENCHMARKS.md says why these defaults).
+
+Each mode runs in its own processes, so one mode's memory never shows in another's; a mode's processes
+start each timed run together at a barrier, and its time ends when the last of them is done. A mode that
+fails is reported with its reason and the others still run; the exit status is then 1.
 """
 import argparse
 import json
+import math
+import multiprocessing as mp
 import os
 import random
 import subprocess
 import sys
-import tempfile
+import threading
 import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import wait
 
-import torch
+MODES = ("single", "dp", "pd", "pd-static", "tp", "hf")
+SIBLING_FAILED = "stopped: another process of this mode failed"
 
-MODES = ("single", "pd", "hf")
 
+# ---- arguments ----
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -33,97 +61,117 @@ def parse_args(argv=None):
     model.add_argument("--model", help="Hugging Face-format checkpoint directory")
     model.add_argument("--random-model", help="write a random-weight checkpoint of this shape (e.g. qwen3-0.6b)")
     p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/nanovllm"))
-    p.add_argument("--modes", default=None, help="comma-separated subset of single,pd,hf (default: all that fit)")
-    p.add_argument("--num-requests", type=int, default=256)
-    p.add_argument("--hf-requests", type=int, default=64)
-    p.add_argument("--hf-batch", type=int, default=64)
-    p.add_argument("--input-len", type=int, nargs=2, default=[100, 1024])
-    p.add_argument("--output-len", type=int, nargs=2, default=[100, 1024])
+    p.add_argument("--modes", type=_modes, help=f"comma-separated subset of {','.join(MODES)} "
+                                                "(default: every mode this machine has the GPUs for)")
+    p.add_argument("--dp-size", type=_positive_int, default=2, help="engines (GPUs) in dp mode")
+    p.add_argument("--tp-size", type=_positive_int, default=2, help="tensor_parallel_size in tp mode")
+    p.add_argument("--num-requests", type=_positive_int, default=256, help="offline: the batch; online: per rate")
+    p.add_argument("--hf-requests", type=_positive_int, default=64)
+    p.add_argument("--hf-batch", type=_positive_int, default=64)
+    p.add_argument("--input-len", type=_positive_int, nargs=2, default=[100, 1024], metavar=("MIN", "MAX"))
+    p.add_argument("--output-len", type=_positive_int, nargs=2, default=[100, 1024], metavar=("MIN", "MAX"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu to run everything on the CPU (PD mode: cpu/cpu)")
-    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--online", type=_rates, metavar="RATES",
+                   help="comma-separated request rates in req/s: latency under Poisson arrivals, not throughput")
+    p.add_argument("--slo-ttft-ms", type=float, default=1000.0, help="goodput: time to first token at most this")
+    p.add_argument("--slo-tpot-ms", type=float, default=100.0, help="goodput: time per output token at most this")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds: a timed run not done this long after its last arrival fails, and so does a "
+                        "process that takes longer than this to load its model (no hangs)")
+    p.add_argument("--device", choices=["cpu"], help="run everything on the CPU (pd: both sides on the CPU)")
+    p.add_argument("--max-model-len", type=_positive_int, default=4096)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="an engine option (Config field) for the nanovllm modes, e.g. pd_policy=static; repeatable")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--profile", type=int, default=0, metavar="STEP",
                    help="profile 10 engine steps from this one and print the top kernels (slows that run)")
-    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one mode, write JSON to --out
-    p.add_argument("--out", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("input_len", "output_len"):
+        low, high = getattr(args, name)
+        if low > high:
+            p.error(f"--{name.replace('_', '-')} {low} {high}: MIN must not exceed MAX")
+    if args.online and args.modes and "hf" in args.modes:
+        p.error("--modes: hf has no online mode (transformers' generate takes no requests while it runs)")
+    return args
 
 
-def workload(args) -> tuple[list[list[int]], list[int]]:
-    from transformers import AutoConfig
-    max_id = min(10000, AutoConfig.from_pretrained(args.model).vocab_size - 1)
-    rng = random.Random(args.seed)
-    prompts = [[rng.randint(0, max_id) for _ in range(rng.randint(*args.input_len))] for _ in range(args.num_requests)]
-    output_lens = [rng.randint(*args.output_len) for _ in range(args.num_requests)]
-    return prompts, output_lens
+def _modes(text: str) -> list[str]:
+    modes = text.split(",")
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
+    return modes
 
 
-# ---- one mode, in a worker process ----
-
-def run_mode(args) -> dict:
-    prompts, output_lens = workload(args)
-    devices = _devices(args)
-    if args.worker == "hf":
-        prompts, output_lens = prompts[:args.hf_requests], output_lens[:args.hf_requests]
-        result = _run_hf(args, prompts, output_lens, devices[0])
-    else:
-        result = _run_nanovllm(args, prompts, output_lens, devices)
-    result.update(mode=args.worker, requests=len(prompts), input_tokens=sum(map(len, prompts)),
-                  output_tokens=sum(output_lens))
-    result["output_tok_s"] = result["output_tokens"] / result["seconds"]
-    result["total_tok_s"] = (result["output_tokens"] + result["input_tokens"]) / result["seconds"]
-    if devices[0] != "cpu":
-        result["peak_mem_gib"] = {d: torch.cuda.max_memory_reserved(d) / 2**30 for d in devices}
-    return result
+def _rates(text: str) -> list[float]:
+    try:
+        rates = [float(r) for r in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers (req/s), got {text!r}") from None
+    if not all(0 < r < math.inf for r in rates) or len(set(rates)) < len(rates):
+        raise argparse.ArgumentTypeError(f"request rates must be positive and distinct, got {text!r}")
+    return rates
 
 
-def _devices(args) -> list[str]:
-    if args.device == "cpu":
-        return ["cpu"]
-    return ["cuda:0", "cuda:1"] if args.worker == "pd" else ["cuda:0"]
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
 
 
-def _run_nanovllm(args, prompts, output_lens, devices) -> dict:
-    from nanovllm import LLM, SamplingParams
+# ---- the requests ----
+
+@dataclass
+class Request:
+    index: int
+    prompt: list[int]
+    output_len: int
+    arrival: float  # seconds after the timed run's start; 0 for every request offline
+
+
+def timed_runs(args) -> list[list[Request]]:
+    """The requests of each timed run: one offline batch, or one arrival sequence per online rate.
+
+    Each rate gets its own prompts (seed + k): an engine that served the previous rate must find nothing
+    of them in its prefix cache."""
+    if not args.online:
+        return [make_requests(args, args.seed)]
+    return [make_requests(args, args.seed + k, rate) for k, rate in enumerate(args.online)]
+
+
+def make_requests(args, seed: int, rate: float | None = None) -> list[Request]:
+    with open(os.path.join(args.model, "config.json")) as f:
+        max_id = min(10000, json.load(f)["vocab_size"] - 1)
+    n, rng = args.num_requests, random.Random(seed)
+    prompts = [[rng.randint(0, max_id) for _ in range(rng.randint(*args.input_len))] for _ in range(n)]
+    output_lens = [rng.randint(*args.output_len) for _ in range(n)]
+    arrivals = [0.0] * n
+    if rate:
+        # Exponential gaps from one seed: every rate has the same pattern of bursts, scaled by 1 / rate.
+        gaps = random.Random(args.seed)
+        for i in range(1, n):
+            arrivals[i] = arrivals[i - 1] + gaps.expovariate(rate)
+    return [Request(i, *fields) for i, fields in enumerate(zip(prompts, output_lens, arrivals))]
+
+
+def engine_options(mode: str, rank: int, args) -> dict:
+    cpu = args.device == "cpu"
     options = dict(max_model_len=args.max_model_len, enforce_eager=args.enforce_eager, **_options(args.option))
-    if args.worker == "pd":
-        pd_devices = ("cpu", "cpu") if devices == ["cpu"] else (0, 1)
-        options.update(enable_two_gpu_pd=True, prefill_device_id=pd_devices[0], decode_device_id=pd_devices[1])
-    else:
-        options.update(device=devices[0])
-    llm = LLM(args.model, **options)
-    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up: kernels compiled
-    runners = [llm.prefill_runner, llm.decode_runner] if args.worker == "pd" else [llm.model_runner]
-    for runner in runners:
-        runner.busy_seconds = 0.0
-    llm.stats.update(kv_bytes=0, kv_copies=0, kv_seconds=0.0)
-    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n) for n in output_lens]
-    if args.profile:
-        _profile_steps(llm, args.profile, 10)
-    _synchronize(devices)
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    _synchronize(devices)
-    seconds = time.perf_counter() - start
-    assert [len(o["token_ids"]) for o in outputs] == output_lens
-    result = dict(seconds=seconds, kv_capacity_tokens={f"{r.role} {r.device}": r.kv_capacity_tokens for r in runners},
-                  busy_fraction={f"{r.role} {r.device}": r.busy_seconds / seconds for r in runners},
-                  preemptions=llm.scheduler.num_preemptions,
-                  peak_kv_blocks_used={f"{r.role} {r.device}": bm.peak_used_blocks for r, bm in
-                                       zip(runners, _block_managers(llm))})
-    if args.worker == "pd":
-        s = llm.stats
-        result.update(kv_transfer_gb=s["kv_bytes"] / 1e9, kv_copies=s["kv_copies"],
-                      kv_transfer_gb_s=s["kv_bytes"] / s["kv_seconds"] / 1e9 if s["kv_seconds"] else None,
-                      backpressure_stalls=llm.scheduler.num_backpressure_stalls)
-    return result
+    if mode in ("pd", "pd-static"):
+        options.update(enable_two_gpu_pd=True, prefill_device_id="cpu" if cpu else 0,
+                       decode_device_id="cpu" if cpu else 1)
+    elif mode == "tp":
+        options.update(tensor_parallel_size=args.tp_size, device="cpu" if cpu else None)
+    else:  # single, or one of dp's engines
+        options.update(device="cpu" if cpu else f"cuda:{rank}")
+    if mode == "pd-static":
+        options.update(pd_policy="static")
+    return options
 
 
 def _options(pairs: list[str]) -> dict:
+    """--option KEY=VALUE pairs as engine options (VALUE read as a Python literal where it is one)."""
     import ast
     options = {}
     for pair in pairs:
@@ -135,8 +183,130 @@ def _options(pairs: list[str]) -> dict:
     return options
 
 
+def num_processes(mode: str, args) -> int:
+    return args.dp_size if mode == "dp" else 1
+
+
+# ---- in a worker process: one engine (or transformers) and its timed runs ----
+
+def worker_main(mode: str, rank: int, args, runs: list[list[Request]], barrier, conn):
+    """Run one process's part of a mode; send the parent one dict per timed run, or an error and stop."""
+    try:
+        if mode == "probe":
+            conn.send(probe(args))
+        elif mode == "hf":
+            serve_hf(args, runs[0], barrier, conn.send)
+        else:
+            serve(mode, rank, args, runs, barrier, conn.send)
+    except threading.BrokenBarrierError:
+        conn.send({"error": SIBLING_FAILED})
+    except Exception as e:
+        traceback.print_exc()
+        barrier.abort()  # the mode's other processes must not wait for this one at the start line
+        conn.send({"error": f"{type(e).__name__}: {e}"})
+
+
+def serve(mode: str, rank: int, args, runs: list[list[Request]], barrier, send):
+    """Load an engine and warm it up; then for each timed run, start with the mode's other processes at
+    the barrier, serve this process's share of the requests, and send what happened."""
+    import torch
+    from nanovllm import LLM, SamplingParams
+    world = num_processes(mode, args)
+    if args.device == "cpu":
+        torch.set_num_threads(max(1, torch.get_num_threads() // world))  # dp's processes share the cores
+    elif mode == "dp":
+        torch.cuda.set_device(rank)  # whatever says just "cuda" stays on this process's own GPU
+    llm = LLM(args.model, **engine_options(mode, rank, args))
+    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up: kernels compiled
+    if args.profile and rank == 0:
+        _profile_steps(llm, args.profile, 10)
+    for requests in runs:
+        mine = requests[rank::world]
+        reset_counters(llm)
+        _synchronize(_devices(llm))
+        barrier.wait(timeout=patience_s(args, runs))
+        token_times, seconds = drive(llm, mine, args.timeout)
+        wrong = [r.index for r in mine if len(token_times[r.index]) != r.output_len]
+        if wrong:
+            raise RuntimeError(f"requests {wrong[:8]} did not get the number of tokens they asked for")
+        send(dict(requests=len(mine), token_times=token_times, **counters(llm, seconds)))
+
+
+def drive(llm, requests: list[Request], timeout: float) -> tuple[dict[int, list[float]], float]:
+    """Add each request once its arrival time has passed, step until all are done.
+
+    Returns each request's token times (seconds since the start: when step() handed the token back) and
+    the time the last request finished. Offline, every arrival is 0: all are added before the first step."""
+    from nanovllm import SamplingParams
+    token_times = {r.index: [] for r in requests}
+    index_of = {}  # engine request id -> Request.index
+    next_up, unfinished = 0, len(requests)
+    deadline = (requests[-1].arrival if requests else 0) + timeout
+    start = time.perf_counter()
+    while unfinished:
+        now = time.perf_counter() - start
+        while next_up < len(requests) and requests[next_up].arrival <= now:
+            r = requests[next_up]
+            params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=r.output_len)
+            index_of[llm.add_request(r.prompt, params)] = r.index
+            next_up += 1
+        if llm.is_finished():  # nothing to run until the next arrival
+            if next_up == len(requests):
+                raise RuntimeError(f"the engine is idle but {unfinished} requests never finished")
+            time.sleep(max(0.0, requests[next_up].arrival - now))
+            continue
+        outputs = llm.step()
+        now = time.perf_counter() - start
+        for out in outputs:  # any number per request: tokens may come in batches
+            token_times[index_of[out.request_id]].append(now)
+            unfinished -= out.finished
+        if unfinished and now > deadline:
+            raise TimeoutError(f"{unfinished} of {len(requests)} requests unfinished {timeout:.0f} s after "
+                               f"the last arrival")
+    return token_times, time.perf_counter() - start
+
+
+# What follows reads the engine's internals: the one place to update when they move.
+
+def _runners(llm) -> list:
+    return llm.runners
+
+
 def _block_managers(llm) -> list:
     return llm.scheduler.block_managers
+
+
+def _devices(llm) -> list[str]:
+    return [str(r.device) for r in _runners(llm)]
+
+
+def reset_counters(llm):
+    """Zero what the engine counts, so that a timed run reports itself, not the warm-up or the last rate."""
+    for runner in _runners(llm):
+        runner.busy_seconds = 0.0
+    for block_manager in _block_managers(llm):
+        block_manager.peak_used_blocks = 0
+    llm.stats.update(kv_bytes=0, kv_copies=0, kv_seconds=0.0)
+    llm.scheduler.num_preemptions = llm.scheduler.num_backpressure_stalls = llm.scheduler.num_migrations = 0
+
+
+def counters(llm, seconds: float) -> dict:
+    import torch
+    runners = _runners(llm)
+    names = [f"{r.role} {r.device}" for r in runners]
+    result = dict(seconds=seconds, kv_capacity_tokens={n: r.kv_capacity_tokens for n, r in zip(names, runners)},
+                  busy_fraction={n: r.busy_seconds / seconds for n, r in zip(names, runners)},
+                  preemptions=llm.scheduler.num_preemptions,
+                  peak_kv_blocks_used={n: bm.peak_used_blocks for n, bm in zip(names, _block_managers(llm))})
+    if llm.config.enable_two_gpu_pd:
+        s = llm.stats
+        result.update(kv_transfer_gb=s["kv_bytes"] / 1e9, kv_copies=s["kv_copies"],
+                      kv_transfer_gb_s=s["kv_bytes"] / s["kv_seconds"] / 1e9 if s["kv_seconds"] else None,
+                      backpressure_stalls=llm.scheduler.num_backpressure_stalls,
+                      migrations=llm.scheduler.num_migrations)
+    if runners[0].is_cuda:
+        result["peak_mem_gib"] = {str(r.device): torch.cuda.max_memory_reserved(r.device) / 2**30 for r in runners}
+    return result
 
 
 def _profile_steps(llm, first: int, count: int):
@@ -158,11 +328,13 @@ def _profile_steps(llm, first: int, count: int):
     llm.step = profiled_step
 
 
-def _run_hf(args, prompts, output_lens, device) -> dict:
+def serve_hf(args, requests: list[Request], barrier, send):
+    import torch
     from transformers import AutoModelForCausalLM
+    requests = requests[:args.hf_requests]
+    device = "cpu" if args.device == "cpu" else "cuda:0"
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
-    generated = 0
 
     def generate(batch_prompts, max_new):
         width = max(map(len, batch_prompts))
@@ -175,26 +347,62 @@ def _run_hf(args, prompts, output_lens, device) -> dict:
 
     generate([[1, 2, 3]], 4)  # warm-up
     _synchronize([device])
-    start = time.perf_counter()
-    for i in range(0, len(prompts), args.hf_batch):
-        batch_lens = output_lens[i:i + args.hf_batch]
-        generated += generate(prompts[i:i + args.hf_batch], max(batch_lens)) * len(batch_lens)
+    barrier.wait(timeout=patience_s(args, [requests]))
+    start, generated = time.perf_counter(), 0
+    for i in range(0, len(requests), args.hf_batch):
+        batch = requests[i:i + args.hf_batch]
+        generated += generate([r.prompt for r in batch], max(r.output_len for r in batch)) * len(batch)
     _synchronize([device])
-    return dict(seconds=time.perf_counter() - start, generated_tokens=generated)
+    result = dict(requests=len(requests), seconds=time.perf_counter() - start, generated_tokens=generated)
+    if device != "cpu":
+        result["peak_mem_gib"] = {device: torch.cuda.max_memory_reserved(device) / 2**30}
+    send(result)
 
 
 def _synchronize(devices):
+    import torch
     for d in devices:
         if d != "cpu":
             torch.cuda.synchronize(d)
 
 
-# ---- the device's ceilings and the workload's roofline ----
+# ---- in the probe process: the machine, its ceilings and the workload's roofline ----
+
+def probe(args) -> dict:
+    """What the parent needs from the device side: the checkpoint, the machine, and (offline) the roofline."""
+    import torch
+    from transformers import AutoConfig
+    if args.random_model:
+        from nanovllm.utils.checkpoints import make_random_checkpoint
+        args.model = make_random_checkpoint(os.path.join(args.cache_dir, f"random-{args.random_model}"),
+                                            args.random_model)
+    result = dict(model=args.model, machine=_machine())
+    if not args.online:
+        ceilings = measure_device("cpu" if args.device == "cpu" or not torch.cuda.is_available() else "cuda:0")
+        result.update(ceilings=ceilings, roofline=roofline(args, AutoConfig.from_pretrained(args.model), ceilings))
+    return result
+
+
+def _machine() -> dict:
+    from importlib.metadata import version
+    import torch
+    info = dict(torch=torch.__version__, triton=version("triton"), transformers=version("transformers"),
+                python=sys.version.split()[0], gpus=[])
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        try:
+            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                            capture_output=True, text=True).stdout.split()[0]
+        except (OSError, IndexError):
+            pass
+    return info
+
 
 def measure_device(device: str) -> dict:
     """Copy bandwidth (bytes read + written per second) and bf16 matmul rate, measured here."""
+    import torch
     cpu = device == "cpu"
-    n, size = (64 << 20, 1024) if cpu else (1 << 30, 8192)
+    n, size = (16 << 20, 512) if cpu else (1 << 30, 8192)  # on the CPU only a sanity check: keep it quick
     dtype = torch.float32 if cpu else torch.bfloat16
     src = torch.empty(n, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
@@ -219,8 +427,9 @@ def _time(fn, device, repeat=10) -> float:
 
 
 def roofline(args, hf_config, ceilings: dict) -> dict:
-    """Least bytes decode must read and least FLOPs prefill must do, over the whole workload."""
-    prompts, output_lens = workload(args)
+    """Least bytes decode must read and least FLOPs prefill must do, over the whole offline workload."""
+    requests = timed_runs(args)[0]
+    prompts, output_lens = [r.prompt for r in requests], [r.output_len for r in requests]
     layers, hidden = hf_config.num_hidden_layers, hf_config.hidden_size
     heads = hf_config.num_attention_heads
     kv_heads = getattr(hf_config, "num_key_value_heads", heads)
@@ -244,83 +453,222 @@ def roofline(args, hf_config, ceilings: dict) -> dict:
                 bound_output_tok_s=sum(output_lens) / (decode_s + prefill_s))
 
 
-# ---- the driver ----
+# ---- in the parent: processes, one mode at a time ----
 
-def main():
-    args = parse_args()
-    if args.random_model:
-        from nanovllm.utils.checkpoints import make_random_checkpoint
-        args.model = make_random_checkpoint(os.path.join(args.cache_dir, f"random-{args.random_model}"),
-                                            args.random_model)
-    if args.worker:
-        with open(args.out, "w") as f:
-            json.dump(run_mode(args), f)
-        return
-    cpu = args.device == "cpu" or not torch.cuda.is_available()
-    args.device = "cpu" if cpu else None
-    modes = args.modes.split(",") if args.modes else [m for m in MODES if m != "pd" or cpu
-                                                      or torch.cuda.device_count() >= 2]
-    ceilings = measure_device("cpu" if cpu else "cuda:0")
-    from transformers import AutoConfig
-    bound = roofline(args, AutoConfig.from_pretrained(args.model), ceilings)
-    results = [_spawn(mode, args) for mode in modes]
-    report = dict(machine=_machine(), ceilings=ceilings, roofline=bound, results=results, argv=sys.argv[1:])
-    print_report(report)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+def worker_context(args):
+    """Workers are forked from one server process. On a CPU run it imports torch & co. once, so that a
+    worker starts in a fraction of a second instead of ~5 s. With GPUs it imports nothing: an import might
+    already touch the CUDA driver, and a process that has must not fork processes that use CUDA."""
+    context = mp.get_context("forkserver")
+    if args.device == "cpu":
+        context.set_forkserver_preload(["__main__", "torch", "transformers", "nanovllm"])
+    return context
 
 
-def _spawn(mode: str, args) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        argv = [a for a in sys.argv[1:]]
-        cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", mode, "--out", out.name]
-        if args.random_model:
-            cmd += ["--model", args.model]
-            i = cmd.index("--random-model")
-            del cmd[i:i + 2]
-        if args.device == "cpu" and "--device" not in argv:
-            cmd += ["--device", "cpu"]
-        print(f"[bench] running mode {mode} ...", flush=True)
-        subprocess.run(cmd, check=True)
-        with open(out.name) as f:
-            return json.load(f)
+def patience_s(args, runs: list[list[Request]]) -> float:
+    """How long one process may keep the others (or the parent) waiting: loading, then a timed run."""
+    return args.timeout + max((run[-1].arrival for run in runs if run), default=0.0) + args.timeout
 
 
-def _machine() -> dict:
-    info = dict(torch=torch.__version__, python=sys.version.split()[0])
-    if torch.cuda.is_available():
-        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        try:
-            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                            capture_output=True, text=True).stdout.split()[0]
-        except (OSError, IndexError):
-            pass
-    return info
+def run_processes(context, mode: str, args, runs: list[list[Request]], processes: int) -> list[list[dict]]:
+    """Run `mode` in `processes` worker processes; return what each sent: a dict per timed run (the probe:
+    one), or fewer ending in an error. A process that dies, or is silent for longer than `patience_s`,
+    gets an error in place of what it did not send."""
+    messages = 1 if mode == "probe" else len(runs)
+    patience = patience_s(args, runs)
+    barrier = context.Barrier(processes)
+    pipes = [context.Pipe(duplex=False) for _ in range(processes)]
+    workers = [context.Process(target=worker_main, args=(mode, rank, args, runs, barrier, send),
+                               name=f"{mode}-{rank}") for rank, (_, send) in enumerate(pipes)]
+    received = [[] for _ in range(processes)]
+    listening = {receive: rank for rank, (receive, _) in enumerate(pipes)}
+    try:
+        for worker in workers:
+            worker.start()
+        for _, send in pipes:
+            send.close()  # the workers hold their own copies: a worker's death now reads as end-of-file
+        while listening:
+            ready = wait(list(listening), timeout=patience)
+            if not ready:
+                for rank in listening.values():
+                    received[rank].append({"error": f"silent for {patience:.0f} s: stopped"})
+                break
+            for receive in ready:
+                rank = listening[receive]
+                try:
+                    message = receive.recv()
+                except EOFError:
+                    workers[rank].join(timeout=10)
+                    message = {"error": f"the process exited (exit code {workers[rank].exitcode}) before it was done"}
+                received[rank].append(message)
+                if "error" in message:
+                    barrier.abort()
+                if "error" in message or len(received[rank]) == messages:
+                    del listening[receive]
+    finally:
+        for worker in workers:
+            if worker.pid is not None:
+                worker.join(timeout=0 if listening else 60)
+                if worker.is_alive():
+                    worker.kill()
+                    worker.join()
+    return received
 
+
+def run_mode(context, mode: str, args, runs: list[list[Request]]) -> list[dict]:
+    """One result per timed run (offline: one; online: one per rate); a failed run has an "error"."""
+    processes = num_processes(mode, args)
+    print(f"[bench] {mode}: {processes} process{'es' if processes > 1 else ''} ...", flush=True)
+    received = run_processes(context, mode, args, runs, processes)
+    results = []
+    for k, requests in enumerate(runs):
+        parts = [sent[k] if k < len(sent) else sent[-1] for sent in received]  # after an error: that error
+        result = dict(mode=mode, **({"rate": args.online[k]} if args.online else {}))
+        errors = [p["error"] for p in parts if "error" in p]
+        if errors:
+            result["error"] = min(errors, key=lambda e: e == SIBLING_FAILED)  # the cause, not its echo
+        elif args.online:
+            result.update(online_summary(requests, parts, args))
+        else:
+            result.update(offline_summary(requests[:args.hf_requests] if mode == "hf" else requests, parts))
+        results.append(result)
+    return results
+
+
+def offline_summary(requests: list[Request], parts: list[dict]) -> dict:
+    seconds = max(p["seconds"] for p in parts)  # from the common start to the last process's end
+    input_tokens, output_tokens = sum(len(r.prompt) for r in requests), sum(r.output_len for r in requests)
+    return dict(requests=len(requests), input_tokens=input_tokens, output_tokens=output_tokens, seconds=seconds,
+                output_tok_s=output_tokens / seconds, total_tok_s=(input_tokens + output_tokens) / seconds,
+                workers=[{k: v for k, v in p.items() if k != "token_times"} for p in parts])
+
+
+def online_summary(requests: list[Request], parts: list[dict], args) -> dict:
+    token_times = {i: times for p in parts for i, times in p["token_times"].items()}
+    per_request, gaps = [], []
+    for r in requests:
+        times = token_times[r.index]
+        request_gaps = [b - a for a, b in zip(times, times[1:])]
+        gaps += request_gaps
+        per_request.append(dict(
+            index=r.index, arrival_s=r.arrival, prompt_len=len(r.prompt), output_len=r.output_len,
+            tokens=len(times), ttft_ms=1e3 * (times[0] - r.arrival), e2e_ms=1e3 * (times[-1] - r.arrival),
+            tpot_ms=1e3 * (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None,
+            max_itl_ms=1e3 * max(request_gaps) if request_gaps else None))
+    seconds = max(p["seconds"] for p in parts)  # first arrival to last token, over all processes
+    good = [q for q in per_request if q["ttft_ms"] <= args.slo_ttft_ms
+            and (q["tpot_ms"] is None or q["tpot_ms"] <= args.slo_tpot_ms)]
+    tpots = [q["tpot_ms"] for q in per_request if q["tpot_ms"] is not None]
+    return dict(requests=len(requests), seconds=seconds,
+                ttft_ms=_percentiles([q["ttft_ms"] for q in per_request]), tpot_ms=_percentiles(tpots),
+                itl_ms=dict(_percentiles([1e3 * g for g in gaps]), max=1e3 * max(gaps) if gaps else None),
+                slo_met=len(good), goodput_req_s=len(good) / seconds, achieved_req_s=len(requests) / seconds,
+                output_tok_s=sum(q["tokens"] for q in per_request) / seconds,
+                workers=[{k: v for k, v in p.items() if k != "token_times"} for p in parts],
+                per_request=per_request)
+
+
+def _percentiles(values: list[float]) -> dict:
+    return dict(p50=percentile(values, 50), p99=percentile(values, 99))
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear interpolation between the closest ranks (numpy's default)."""
+    if not values:
+        return None
+    values = sorted(values)
+    position = (len(values) - 1) * q / 100
+    low = math.floor(position)
+    high = min(low + 1, len(values) - 1)
+    return values[low] + (values[high] - values[low]) * (position - low)
+
+
+def default_modes(args, num_gpus: int) -> list[str]:
+    """Every mode this machine has the GPUs for (on the CPU: all); hf only offline."""
+    gpus_needed = {"single": 1, "dp": args.dp_size, "pd": 2, "pd-static": 2, "tp": args.tp_size, "hf": 1}
+    return [m for m in MODES if (args.device == "cpu" or gpus_needed[m] <= num_gpus)
+            and not (args.online and m == "hf")]
+
+
+def _commit() -> str | None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+# ---- the report ----
 
 def print_report(report: dict):
+    m = report["machine"]
+    gpus = ", ".join(m["gpus"]) + f" (driver {m.get('driver', '?')})" if m["gpus"] else "no GPU"
+    print(f"\nmachine: {gpus}; torch {m['torch']}, triton {m['triton']}, transformers {m['transformers']}, "
+          f"Python {m['python']}; commit {report['commit']}")
+    if report["online"]:
+        print_online(report)
+    else:
+        print_offline(report)
+    for res in report["results"]:
+        for i, worker in enumerate(res.get("workers", [])):
+            label = res["mode"] + (f" @ {res['rate']:g} req/s" if "rate" in res else "") + \
+                (f" [{i}]" if len(res["workers"]) > 1 else "")
+            extra = {k: v for k, v in worker.items() if k not in ("seconds", "peak_mem_gib")}
+            print(f"{label}: seconds={worker['seconds']:.3g}, " + ", ".join(f"{k}={_fmt(v)}" for k, v in extra.items()))
+
+
+def print_offline(report: dict):
     c, r = report["ceilings"], report["roofline"]
-    print(f"\nmachine: {report['machine']}")
-    print(f"measured ceilings on {c['device']}: copy {c['copy_gb_s']:.0f} GB/s, matmul {c['matmul_tflop_s']:.0f} TFLOP/s")
+    print(f"measured ceilings on {c['device']}: copy {c['copy_gb_s']:.0f} GB/s, "
+          f"matmul {c['matmul_tflop_s']:.0f} TFLOP/s")
     print(f"roofline: decode reads {r['decode_tb']:.2f} TB ({r['decode_s']:.2f} s), prefill {r['prefill_tflop']:.1f} "
           f"TFLOP ({r['prefill_s']:.2f} s): bound {r['bound_s']:.2f} s = {r['bound_output_tok_s']:.0f} output tok/s "
           f"for the {r['output_tokens']} output tokens of the full workload\n")
-    header = f"{'mode':<7}{'reqs':>6}{'in tok':>9}{'out tok':>9}{'time s':>9}{'out tok/s':>11}{'tot tok/s':>11}" \
+    header = f"{'mode':<10}{'reqs':>6}{'in tok':>9}{'out tok':>9}{'time s':>9}{'out tok/s':>11}{'tot tok/s':>11}" \
              f"{'of bound':>10}  peak mem GiB"
     print(header)
     print("-" * len(header))
     for res in report["results"]:
+        if "error" in res:
+            print(f"{res['mode']:<10}failed: {res['error']}")
+            continue
         fraction = res["output_tok_s"] / r["bound_output_tok_s"]
-        mem = ", ".join(f"{d} {g:.1f}" for d, g in res.get("peak_mem_gib", {}).items()) or "-"
-        print(f"{res['mode']:<7}{res['requests']:>6}{res['input_tokens']:>9}{res['output_tokens']:>9}"
-              f"{res['seconds']:>9.2f}{res['output_tok_s']:>11.0f}{res['total_tok_s']:>11.0f}{fraction:>10.1%}  {mem}")
-    for res in report["results"]:
-        extra = {k: v for k, v in res.items() if k in ("kv_capacity_tokens", "peak_kv_blocks_used",
-                                                     "busy_fraction", "preemptions",
-                                                     "kv_transfer_gb", "kv_copies", "kv_transfer_gb_s",
-                                                     "backpressure_stalls", "generated_tokens")}
-        print(f"{res['mode']}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in extra.items()))
+        print(f"{res['mode']:<10}{res['requests']:>6}{res['input_tokens']:>9}{res['output_tokens']:>9}"
+              f"{res['seconds']:>9.2f}{res['output_tok_s']:>11.0f}{res['total_tok_s']:>11.0f}{fraction:>10.1%}  "
+              f"{_memory(res)}")
+
+
+def print_online(report: dict):
+    slo = report["slo_ms"]
+    for rate in report["online"]:
+        results = [res for res in report["results"] if res["rate"] == rate]
+        print(f"\nonline at {rate:g} req/s (Poisson), {report['requests']} requests; latencies in ms; goodput: "
+              f"req/s with TTFT <= {slo['ttft']:g} ms and TPOT <= {slo['tpot']:g} ms")
+        header = f"{'mode':<10}{'TTFT p50':>10}{'p99':>8}{'TPOT p50':>10}{'p99':>8}{'ITL p99':>9}{'max':>8}" \
+                 f"{'goodput':>9}{'req/s':>8}{'out tok/s':>11}  peak mem GiB"
+        print(header)
+        print("-" * len(header))
+        for res in results:
+            if "error" in res:
+                print(f"{res['mode']:<10}failed: {res['error']}")
+                continue
+            t, p, i = res["ttft_ms"], res["tpot_ms"], res["itl_ms"]
+            print(f"{res['mode']:<10}{_ms(t['p50']):>10}{_ms(t['p99']):>8}{_ms(p['p50']):>10}{_ms(p['p99']):>8}"
+                  f"{_ms(i['p99']):>9}{_ms(i['max']):>8}{res['goodput_req_s']:>9.2f}{res['achieved_req_s']:>8.2f}"
+                  f"{res['output_tok_s']:>11.0f}  {_memory(res)}")
+
+
+def _memory(res: dict) -> str:
+    memory = {d: g for worker in res["workers"] for d, g in worker.get("peak_mem_gib", {}).items()}
+    return ", ".join(f"{d} {g:.1f}" for d, g in memory.items()) or "-"
+
+
+def _ms(value) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def _fmt(value):
@@ -329,6 +677,35 @@ def _fmt(value):
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items()) + "}"
     return str(value)
+
+
+# ---- the driver ----
+
+def main():
+    args = parse_args()
+    context = worker_context(args)
+    setup = run_processes(context, "probe", args, runs=[], processes=1)[0][0]
+    if "error" in setup:
+        sys.exit(f"bench: could not set up: {setup['error']}")
+    args.model = setup["model"]
+    if not setup["machine"]["gpus"]:
+        args.device = "cpu"
+    modes = args.modes or default_modes(args, len(setup["machine"]["gpus"]))
+    runs = timed_runs(args)  # made once here, so every mode gets the very same requests
+    results = [result for mode in modes for result in run_mode(context, mode, args, runs)]
+    report = dict(machine=setup["machine"], commit=_commit(), argv=sys.argv[1:], modes=modes,
+                  online=args.online, requests=args.num_requests, results=results)
+    if args.online:
+        report["slo_ms"] = dict(ttft=args.slo_ttft_ms, tpot=args.slo_tpot_ms)
+    else:
+        report.update(ceilings=setup["ceilings"], roofline=setup["roofline"])
+    print_report(report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    failed = sorted({res["mode"] for res in results if "error" in res}, key=modes.index)
+    if failed:
+        sys.exit(f"bench: {len(failed)} mode(s) failed: {', '.join(failed)} (reasons above)")
 
 
 if __name__ == "__main__":

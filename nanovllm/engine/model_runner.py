@@ -272,12 +272,14 @@ class StepTimer:
         if self.runner.is_cuda:
             self.end = torch.cuda.Event(enable_timing=True)
             self.end.record()
+        else:
+            self.end = time.perf_counter()  # the CPU computed the whole step inside launch()
 
     def add_elapsed(self):
         if self.runner.is_cuda:
             self.runner.busy_seconds += self.start.elapsed_time(self.end) / 1000
         else:
-            self.runner.busy_seconds += time.perf_counter() - self.start
+            self.runner.busy_seconds += self.end - self.start
 
 
 class PendingTokens:
