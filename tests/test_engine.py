@@ -7,7 +7,8 @@ from nanovllm import LLM, LLMEngine, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 # Exact parity needs fp32, so every engine here runs on the CPU in fp32, GPUs or not (GPU parity: test_gpu.py).
-SMALL = dict(device="cpu", dtype="float32", kv_cache_block_size=16, max_model_len=256, max_num_batched_tokens=512, num_kv_cache_blocks=128)
+SMALL = dict(device="cpu", dtype="float32", kv_cache_block_size=16, max_model_len=256, max_num_batched_tokens=512,
+             num_kv_cache_blocks=128)
 
 
 @pytest.mark.parametrize("model", ["qwen3_path", "llama_path", "qwen2_path"])

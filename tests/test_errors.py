@@ -9,7 +9,8 @@ import pytest
 from nanovllm import LLM, Config, SamplingParams
 from nanovllm.engine import llm_engine
 
-SMALL = dict(device="cpu", dtype="float32", kv_cache_block_size=16, max_model_len=64, max_num_batched_tokens=128, num_kv_cache_blocks=16)
+SMALL = dict(device="cpu", dtype="float32", kv_cache_block_size=16, max_model_len=64, max_num_batched_tokens=128,
+             num_kv_cache_blocks=16)
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +58,12 @@ def test_bad_sampling_params(llm):
         llm.generate([[1]], {"temperature": 0}, use_tqdm=False)
 
 
-def test_sampling_params_of_the_wrong_type(llm):
-    for kwargs, field in [(dict(top_k=True), "top_k"), (dict(top_k=2.0), "top_k"), (dict(temperature="0"), "temperature"),
-                          (dict(temperature=False), "temperature"), (dict(max_tokens=True), "max_tokens"),
-                          (dict(ignore_eos=1), "ignore_eos"), (dict(top_p=True), "top_p"), (dict(seed=1.5), "seed"),
-                          (dict(seed=True), "seed"), (dict(stop=[5]), "stop"), (dict(stop=("a",)), "stop")]:
+def test_sampling_params_of_the_wrong_type():
+    for field, value in [("top_k", True), ("top_k", 2.0), ("temperature", "0"), ("temperature", False),
+                         ("max_tokens", True), ("ignore_eos", 1), ("top_p", True), ("seed", 1.5), ("seed", True),
+                         ("stop", [5]), ("stop", ("a",))]:
         with pytest.raises(TypeError, match=f"^{field} must be"):
-            SamplingParams(**kwargs)
+            SamplingParams(**{field: value})
     for temperature in (float("nan"), float("inf")):
         with pytest.raises(ValueError, match="^temperature must be"):
             SamplingParams(temperature=temperature)
