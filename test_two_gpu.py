@@ -2,8 +2,9 @@
 
     pytest test_two_gpu.py -s        # on a machine with two GPUs; the GPU cases skip (with a reason) otherwise
 
-On CPU the same path runs with "cpu" for both sides: two runners, two KV caches, real copies.
-On two GPUs the model is a random-weight Qwen3-0.6B-shape checkpoint made on the spot (no network).
+On CPU the same path runs with "cpu" for both sides, in fp32: two runners, two KV caches, real copies.
+On two GPUs (cuda:0 prefills, cuda:1 decodes; single-device runs on cuda:0) the model is a random-weight
+Qwen3-0.6B-shape checkpoint made on the spot (no network); each test names its dtype.
 """
 import gc
 import os
@@ -40,7 +41,7 @@ def generate(path, batch, params=GREEDY, inspect=lambda llm: None, **options) ->
 def test_pd_on_cpu_matches_single_device(tmp_path):
     path = make_random_checkpoint(str(tmp_path / "m"), "qwen3-tiny", initializer_range=0.3)
     batch = prompts(10, 5, 80, vocab=500)
-    small = dict(kv_cache_block_size=16, max_model_len=256, max_num_batched_tokens=256)
+    small = dict(dtype="float32", kv_cache_block_size=16, max_model_len=256, max_num_batched_tokens=256)
     single = generate(path, batch, **small, device="cpu", num_kv_cache_blocks=128)
     stalls = []
     pd = generate(path, batch, **small, enable_two_gpu_pd=True, prefill_device_id="cpu", decode_device_id="cpu",
@@ -55,19 +56,20 @@ def qwen3_06b():
     return make_random_checkpoint(os.path.expanduser("~/.cache/nanovllm/random-qwen3-0.6b"), "qwen3-0.6b")
 
 
+SINGLE_GPU = dict(device="cuda:0", max_model_len=2048)
 PD_GPUS = dict(enable_two_gpu_pd=True, prefill_device_id=0, decode_device_id=1, max_model_len=2048)
 
 
 def near_tie_gaps(path, batch, a, b) -> list[float]:
     """Where two greedy runs part ways, how far apart transformers' logits of the two tokens are."""
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to("cuda:0")
     gaps = []
     with torch.no_grad():
         for prompt, x, y in zip(batch, a, b):
             n = next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), None)
             if n is not None:
-                logits = model(torch.tensor([prompt + x[:n]], device="cuda")).logits[0, -1].float()
+                logits = model(torch.tensor([prompt + x[:n]], device="cuda:0")).logits[0, -1].float()
                 gaps.append(abs(float(logits[x[n]] - logits[y[n]])))
     return gaps
 
@@ -79,9 +81,9 @@ def test_pd_matches_single_gpu_bf16(qwen3_06b, policy):
     # configs per device from the first shape it sees), which can flip a near-tie: any divergence
     # must be one, judged by transformers' logits (the same bound as tests/test_gpu.py).
     batch = prompts(24, 20, 600, seed=1)
-    single = generate(qwen3_06b, batch, max_model_len=2048)
+    single = generate(qwen3_06b, batch, **SINGLE_GPU, dtype="bfloat16")
     devices = []
-    pd = generate(qwen3_06b, batch, **PD_GPUS, pd_policy=policy, inspect=lambda llm: devices.extend(
+    pd = generate(qwen3_06b, batch, **PD_GPUS, pd_policy=policy, dtype="bfloat16", inspect=lambda llm: devices.extend(
         [llm.prefill_runner.kv_cache.device, llm.decode_runner.kv_cache.device]))
     assert devices == [torch.device("cuda:0"), torch.device("cuda:1")]
     matched = sum(next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), len(x)) for x, y in zip(pd, single))
@@ -100,7 +102,7 @@ def test_pd_under_back_pressure_and_preemption_fp32(qwen3_06b, policy):
     # Batches differ between the modes here, so compare in fp32, where rounding cannot flip a token.
     batch = prompts(48, 100, 800, seed=2)
     params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
-    single = generate(qwen3_06b, batch, params, dtype="float32", max_model_len=2048)
+    single = generate(qwen3_06b, batch, params, **SINGLE_GPU, dtype="float32")
     engines = []
     pools = dict(num_kv_cache_blocks=24, num_prefill_kv_cache_blocks=24 if policy == "adaptive" else -1)
     pd = generate(qwen3_06b, batch, params, dtype="float32", **pools, **PD_GPUS, pd_policy=policy,
@@ -122,8 +124,8 @@ def test_pd_under_back_pressure_and_preemption_fp32(qwen3_06b, policy):
 @needs_two_gpus
 def test_bad_gpu_configs(qwen3_06b):
     with pytest.raises(ValueError, match="two different GPUs"):
-        LLM(qwen3_06b, **dict(PD_GPUS, decode_device_id="cuda:0"))
+        LLM(qwen3_06b, **dict(PD_GPUS, decode_device_id="cuda:0"), dtype="bfloat16")
     with pytest.raises(ValueError, match="does not exist"):
-        LLM(qwen3_06b, **dict(PD_GPUS, decode_device_id=torch.cuda.device_count()))
+        LLM(qwen3_06b, **dict(PD_GPUS, decode_device_id=torch.cuda.device_count()), dtype="bfloat16")
     with pytest.raises(ValueError, match="tensor_parallel_size"):
-        LLM(qwen3_06b, **PD_GPUS, tensor_parallel_size=2)
+        LLM(qwen3_06b, **PD_GPUS, dtype="bfloat16", tensor_parallel_size=2)

@@ -1,7 +1,8 @@
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import get_args
 
 import torch
 from transformers import AutoConfig, PretrainedConfig
@@ -23,23 +24,26 @@ class Config:
     max_model_len: int = 4096
     gpu_memory_utilization: float = 0.9
     kv_cache_block_size: int = 256
-    num_kv_cache_blocks: int = -1  # > 0: use exactly this many blocks (decode side in PD mode); needed on CPU
-    num_prefill_kv_cache_blocks: int = -1  # PD mode only: prefill-side blocks; default as above
+    num_kv_cache_blocks: int = -1  # > 0: exactly this many blocks (decode side in PD mode); -1: sized automatically
+    num_prefill_kv_cache_blocks: int = -1  # PD mode only: prefill-side blocks; -1: as num_kv_cache_blocks
     enforce_eager: bool = False
     tensor_parallel_size: int = 1
-    device: str | None = None  # "cuda", "cuda:N" or "cpu"; default cuda when available
+    device: int | str | torch.device | None = None  # "cuda", "cuda:N", "cpu" or a GPU index; default cuda if any
     dtype: str | torch.dtype | None = None  # default bfloat16 on CUDA, float32 on CPU
     chunked_prefill_tokens: int = 2048  # prompt tokens a step may prefill beside decodes; 0: prefill steps run alone
     enable_two_gpu_pd: bool = False
-    prefill_device_id: int | str = 0
-    decode_device_id: int | str = 1
+    prefill_device_id: int | str | torch.device = 0
+    decode_device_id: int | str | torch.device = 1
     pd_policy: str = "adaptive"  # "adaptive": both GPUs decode, placement follows load; "static": M1's strict split
     pd_fallback: str = "error"  # PD impossible as asked: "error", "single" (one device), "host" (KV via host memory)
     hf_config: PretrainedConfig | None = field(default=None, repr=False)
-    eos_token_ids: tuple[int, ...] = ()  # filled in by the engine from the checkpoint
+    eos_token_ids: tuple[int, ...] = field(default=(), init=False)  # filled in by the engine from the checkpoint
     kv_via_host: bool = field(default=False, init=False)  # PD without peer access: stage KV copies in host memory
 
     def __post_init__(self):
+        if isinstance(self.model, os.PathLike):
+            self.model = os.fspath(self.model)
+        self._check_types()
         self._check_limits()
         self._resolve_devices()
         self.hf_config = load_hf_config(self.model)
@@ -50,11 +54,27 @@ class Config:
                              f"prefilled in one step")
         self.dtype = self._resolve_dtype()
 
+    def _check_types(self):
+        """Every field must be of its annotated type; a bool is not a number here, and an int is a float."""
+        for f in fields(self):
+            if not f.init or f.name == "hf_config":
+                continue  # set by the engine, not by the user
+            value, allowed = getattr(self, f.name), get_args(f.type) or (f.type,)
+            if float in allowed:
+                allowed += (int,)
+            if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+                names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+                raise TypeError(f"{f.name} must be {names}, got {type(value).__name__} {value!r}")
+
     def _check_limits(self):
         for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "kv_cache_block_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("num_kv_cache_blocks", "num_prefill_kv_cache_blocks"):
+            value = getattr(self, name)
+            if value != -1 and value < 1:
+                raise ValueError(f"{name} must be -1 (sized automatically) or a positive int, got {value!r}")
         block_size = self.kv_cache_block_size
         if block_size < 16 or block_size & (block_size - 1):
             raise ValueError(f"kv_cache_block_size must be a power of two >= 16, got {block_size}")
@@ -145,11 +165,19 @@ def load_hf_config(model_dir: str) -> PretrainedConfig:
     if not os.path.isfile(path):
         raise ValueError(f"{model_dir!r} has no config.json: expected a Hugging Face-format checkpoint directory")
     with open(path) as f:
-        raw = json.load(f)
+        try:
+            raw = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(raw).__name__}")
     missing = [name for name in REQUIRED_CONFIG_FIELDS if name not in raw]
     if missing:
         raise ValueError(f"{path} is missing required field(s): {', '.join(missing)}")
-    architecture = (raw["architectures"] or [None])[0]
+    architectures = raw["architectures"]
+    if not isinstance(architectures, list) or not architectures:
+        raise ValueError(f"{path}: architectures must be a non-empty list, got {architectures!r}")
+    architecture = architectures[0]
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"unsupported architecture {architecture!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     hf_config = AutoConfig.from_pretrained(model_dir)

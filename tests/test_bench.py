@@ -1,4 +1,8 @@
-"""bench.py and the kernel benchmark still run (tiny shapes on CPU, float32), so that they cannot rot.
+"""bench.py and the kernel benchmark still run on tiny shapes, so that they cannot rot.
+
+bench.py runs on the CPU (`--device cpu`: fp32, the engine's CPU default, for nanovllm and transformers
+alike). The kernel benchmark's correctness check runs where the kernels run: whatever GPU is here in
+bf16, else the CPU in fp32 through Triton's interpreter.
 
 No timings are asserted: only that every mode ran, and that its numbers exist and agree with each other.
 """

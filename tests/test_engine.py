@@ -6,7 +6,9 @@ from conftest import hf_greedy, random_prompts
 from nanovllm import LLM, LLMEngine, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-SMALL = dict(kv_cache_block_size=16, max_model_len=256, max_num_batched_tokens=512, num_kv_cache_blocks=128)
+# Exact parity needs fp32, so every engine here runs on the CPU in fp32, GPUs or not (GPU parity: test_gpu.py).
+SMALL = dict(device="cpu", dtype="float32", kv_cache_block_size=16, max_model_len=256, max_num_batched_tokens=512,
+             num_kv_cache_blocks=128)
 
 
 @pytest.mark.parametrize("model", ["qwen3_path", "llama_path", "qwen2_path"])
@@ -125,7 +127,7 @@ def test_mixed_greedy_and_sampled_batch(qwen3_path):
     assert mixed[0]["token_ids"] == alone[0]["token_ids"]
 
 
-def test_cpu_default_kv_budget(qwen3_path):
-    llm = LLM(qwen3_path, max_model_len=256)
+def test_cpu_defaults_kv_budget_and_fp32(qwen3_path):
+    llm = LLM(qwen3_path, device="cpu", max_model_len=256)  # no dtype and no block count: the CPU defaults
     assert llm.model_runner.num_kv_blocks * 256 >= 256
     assert llm.model_runner.kv_cache.dtype == torch.float32

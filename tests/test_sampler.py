@@ -3,6 +3,7 @@ import torch
 
 from nanovllm import SamplingParams
 from nanovllm.layers.sampler import Sampler
+from nanovllm.sampling_params import MIN_TEMPERATURE
 
 LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
 
@@ -32,3 +33,15 @@ def test_greedy_rows_are_argmax_in_a_mixed_batch():
     params = [SamplingParams(temperature=0), SamplingParams(temperature=1.0)] * 3
     tokens = Sampler()(logits, params, [0] * 6)
     assert torch.equal(tokens[::2], logits[::2].argmax(dim=-1))
+
+
+def test_a_tiny_temperature_is_greedy():
+    # logits / 1e-40 would overflow to inf for most tokens, and argmax would pick the first of them.
+    logits = torch.randn(6, 50) * 10
+    for temperature in (MIN_TEMPERATURE / 2, 1e-30, 1e-40, 5e-324):
+        for extra in (dict(), dict(top_k=5), dict(top_p=0.9)):
+            tiny = SamplingParams(temperature=temperature, **extra)
+            assert tiny.greedy
+            tokens = Sampler()(logits, [tiny, SamplingParams(temperature=1.0)] * 3, [0] * 6)  # a mixed batch
+            assert torch.equal(tokens[::2], logits[::2].argmax(dim=-1))
+            assert torch.equal(Sampler()(logits, [tiny] * 6, [0] * 6), logits.argmax(dim=-1))

@@ -1,4 +1,5 @@
 import contextlib
+import copy
 import dataclasses
 import logging
 import os
@@ -120,18 +121,26 @@ class LLMEngine:
 
     def add_request(self, prompt: str | list[int], sampling_params: SamplingParams | None = None) -> int:
         """Queue one request; returns its id. Raises ValueError/TypeError for input it cannot serve."""
-        token_ids = self._encode(prompt)
-        return self._add(token_ids, SamplingParams() if sampling_params is None else sampling_params)
+        params = self._check_params(sampling_params)
+        return self._add(self._encode(prompt), params)
 
     def _add(self, token_ids: list[int], params: SamplingParams) -> int:
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
-        if params.stop and self.tokenizer is None:
-            raise ValueError(f"stop strings need a tokenizer, and {self.config.model!r} has none")
         seq = Sequence(token_ids, params, self.config.kv_cache_block_size)
         self.scheduler.add(seq)
         self.requests[seq.seq_id] = seq
         return seq.seq_id
+
+    def _check_params(self, params: SamplingParams | None) -> SamplingParams:
+        """None means the defaults. The request gets a checked copy: params changed later cannot reach it."""
+        if params is None:
+            return SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling_params must be SamplingParams or None, got {_describe(params)}")
+        params.validate()
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"stop strings need a tokenizer, and {self.config.model!r} has none: "
+                             f"stop={params.stop!r} could never match")
+        return copy.deepcopy(params)
 
     def _encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -328,10 +337,7 @@ class LLMEngine:
         params = sampling_params if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
-        params = [SamplingParams() if p is None else p for p in params]
-        for p in params:
-            if not isinstance(p, SamplingParams):
-                raise TypeError(f"sampling_params must be SamplingParams, got {type(p).__name__}")
+        params = [self._check_params(p) for p in params]
         encoded = [self._encode(prompt) for prompt in prompts]  # all checked before any is queued
         request_ids = [self._add(token_ids, p) for token_ids, p in zip(encoded, params)]
         try:

