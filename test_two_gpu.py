@@ -129,3 +129,18 @@ def test_bad_gpu_configs(qwen3_06b):
         LLM(qwen3_06b, **dict(PD_GPUS, decode_device_id=torch.cuda.device_count()), dtype="bfloat16")
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         LLM(qwen3_06b, **PD_GPUS, dtype="bfloat16", tensor_parallel_size=2)
+
+
+@needs_two_gpus
+def test_pd_kv_copies_through_host_memory_fp32(qwen3_06b):
+    # What pd_fallback="host" does where the GPUs lack peer access: the same KV, staged in pinned host memory.
+    batch = prompts(8, 100, 600, seed=3)
+    single = generate(qwen3_06b, batch, **SINGLE_GPU, dtype="float32")
+    llm = LLM(qwen3_06b, **PD_GPUS, dtype="float32")
+    llm.config.kv_via_host = True  # this machine has peer access: force the fallback path
+    pd = [o["token_ids"] for o in llm.generate(batch, GREEDY, use_tqdm=False)]
+    assert llm.scheduler.num_migrations > 0 and llm.stats["kv_bytes"] > 0
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    assert pd == single

@@ -84,3 +84,55 @@ def test_bad_pd_configs(qwen3_path, monkeypatch):
         LLM(qwen3_path, **dict(PD, decode_device_id=0))
     with pytest.raises(ValueError, match="two different GPUs"):
         LLM(qwen3_path, **dict(PD, prefill_device_id=1, decode_device_id="cuda:1"))
+
+
+def decode_counts(llm) -> list[int]:
+    """Count the decode tokens each worker runs, by wrapping its runner."""
+    counts = [0] * len(llm.workers)
+    for i, worker in enumerate(llm.workers):
+        def launch(batch, i=i, launch=worker.runner.launch):
+            counts[i] += len(batch.decodes)
+            return launch(batch)
+        worker.runner.launch = launch
+    return counts
+
+
+@pytest.mark.parametrize("policy", ["adaptive", "static"])
+def test_where_each_policy_decodes(qwen3_path, policy):
+    """Adaptive: both devices decode and sequences move to balance them; static: only the decode device does."""
+    prompts = random_prompts(16, 5, 60, seed=15)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    single = LLM(qwen3_path, **SINGLE, num_kv_cache_blocks=128).generate(prompts, params, use_tqdm=False)
+    pd = LLM(qwen3_path, **PD, pd_policy=policy, num_kv_cache_blocks=64, num_prefill_kv_cache_blocks=64)
+    counts = decode_counts(pd)
+    outputs = pd.generate(prompts, params, use_tqdm=False)
+    assert [o["token_ids"] for o in outputs] == [o["token_ids"] for o in single]
+    if policy == "static":
+        assert counts[0] == 0 and counts[1] > 0 and pd.scheduler.num_migrations >= len(prompts)  # each at least once
+    else:
+        assert counts[0] > 0 and counts[1] > 0 and pd.scheduler.num_migrations > 0
+
+
+def test_pd_where_it_cannot_run(qwen3_path, monkeypatch):
+    """No second GPU, or no peer access: a clear error by default; pd_fallback picks one device or host copies."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    gpus = dict(COMMON, enable_two_gpu_pd=True, prefill_device_id=0, decode_device_id=1, num_kv_cache_blocks=32)
+    with pytest.raises(ValueError, match="GPU 0 does not exist"):
+        LLM(qwen3_path, **gpus)
+    llm = LLM(qwen3_path, **gpus, pd_fallback="single")  # falls back to the one device there is: the CPU
+    assert not llm.config.enable_two_gpu_pd and llm.config.device == "cpu" and len(llm.workers) == 1
+    prompts = random_prompts(3, 5, 20, seed=16)
+    single = LLM(qwen3_path, **SINGLE, num_kv_cache_blocks=32).generate(prompts, GREEDY, use_tqdm=False)
+    assert llm.generate(prompts, GREEDY, use_tqdm=False) == single
+
+    from nanovllm.config import Config
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # two GPUs without peer access (config only)
+    monkeypatch.setattr(torch.cuda, "can_device_access_peer", lambda a, b: False)
+    with pytest.raises(ValueError, match="no peer access.*pd_fallback='host'"):
+        Config(qwen3_path, **gpus)
+    assert Config(qwen3_path, **gpus, pd_fallback="host").kv_via_host
+    with pytest.raises(ValueError, match="pd_fallback"):
+        Config(qwen3_path, **gpus, pd_fallback="maybe")
+    with pytest.raises(ValueError, match="pd_policy"):
+        Config(qwen3_path, **gpus, pd_policy="dynamic")
