@@ -8,10 +8,11 @@ from nanovllm.utils.context import to_device
 class Sampler:
     """Greedy rows take argmax; the others sample from softmax(logits / T) after top-k and top-p cuts.
 
-    Sampling is the Gumbel-max trick, argmax(logits / T - log E) with E ~ Exp(1), which draws exactly from
-    the softmax without computing it (one fused pass on CUDA). A request with a seed draws its noise
-    from a generator seeded by (seed, position), so its tokens do not depend on what else is in the batch
-    or on which device runs it.
+    Sampling is the Gumbel-max trick, argmax(logits / T - log E) with E = -log U ~ Exp(1), which draws
+    exactly from the softmax without computing it: on CUDA one fused pass whose uniform noise is generated
+    inside the kernel, never written to memory. A request with a seed draws its noise from a generator
+    seeded by (seed, position), so its tokens do not depend on what else is in the batch or on which
+    device runs it.
     """
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> torch.Tensor:
@@ -26,12 +27,16 @@ class Sampler:
                 logits = _top_k(logits, [p.top_k if p.top_k > 0 else logits.size(1) for p in params])
             if any(p.top_p < 1 for p in params):
                 logits = _top_p(logits, to_device([p.top_p for p in params], torch.float32, device))
-        noise = torch.empty(logits.shape, dtype=torch.float32, device=device).exponential_()
-        for i, (p, position) in enumerate(zip(params, positions)):
-            if p.seed is not None and not p.greedy:
-                generator = torch.Generator(device).manual_seed(hash((p.seed, position)) & (2**63 - 1))
-                noise[i].exponential_(generator=generator)
-        sampled = _gumbel_argmax(logits, temperatures, noise)
+        sampled = _gumbel_argmax(logits, temperatures)
+        seeded = [i for i, p in enumerate(params) if p.seed is not None and not p.greedy]
+        if seeded:
+            noise = torch.empty((len(seeded), logits.size(1)), dtype=torch.float32, device=device)
+            for row, i in zip(noise, seeded):
+                seed = hash((params[i].seed, positions[i])) & (2**63 - 1)
+                row.exponential_(generator=torch.Generator(device).manual_seed(seed))
+            rows = to_device(seeded, torch.int64, device)
+            scaled = logits[rows].float() / temperatures[rows].unsqueeze(1)
+            sampled[rows] = (scaled - noise.log()).argmax(dim=-1)
         if not any(p.greedy for p in params):
             return sampled
         is_greedy = to_device([p.greedy for p in params], torch.bool, device)
@@ -39,8 +44,9 @@ class Sampler:
 
 
 @compile_on_cuda
-def _gumbel_argmax(logits: torch.Tensor, temperatures: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    return (logits.float() / temperatures.unsqueeze(1) - noise.log()).argmax(dim=-1)
+def _gumbel_argmax(logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
+    uniform = torch.rand(logits.shape, dtype=torch.float32, device=logits.device).clamp_(min=1e-20)
+    return (logits.float() / temperatures.unsqueeze(1) - torch.log(-torch.log(uniform))).argmax(dim=-1)
 
 
 def _top_k(logits: torch.Tensor, ks: list[int]) -> torch.Tensor:
