@@ -107,6 +107,12 @@ class LLMEngine:
     def is_finished(self) -> bool:
         return self.scheduler.is_finished()
 
+    def close(self):
+        """Stop the processes of the other tensor-parallel ranks, after which the engine cannot run. Also done
+        at exit and when the engine is garbage-collected; a no-op without tensor parallelism."""
+        if hasattr(self, "model_runner"):
+            self.model_runner.close()
+
     # ---- the step loop ----
 
     def step(self) -> list[StepOutput]:

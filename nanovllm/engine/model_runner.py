@@ -5,8 +5,10 @@ import time
 import torch
 
 from nanovllm.config import Config
+from nanovllm.engine import tensor_parallel
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import select_backend
+from nanovllm.layers.linear import TensorParallelGroup
 from nanovllm.layers.sampler import Sampler
 from nanovllm.models.decoder import DecoderForCausalLM
 from nanovllm.sampling_params import SamplingParams
@@ -27,19 +29,31 @@ class ModelRunner:
 
     KV layout is block-major, [num_blocks, num_layers, 2 (K/V), block_size, kv_heads, head_dim], so that
     all layers of a run of consecutive blocks are one contiguous range: one copy moves them to a peer.
+
+    Tensor parallelism (config.tensor_parallel_size > 1): this runner is one rank (`tp_group`; rank 0 when
+    None, which then starts the other ranks, see engine/tensor_parallel.py) and holds its share of the
+    weights and of the KV heads. Rank 0 sends each launch() to the others; only rank 0 returns tokens.
     """
 
-    def __init__(self, config: Config, device_id: int | str, num_kv_blocks: int = -1, role: str = "both"):
+    def __init__(self, config: Config, device_id: int | str | torch.device, num_kv_blocks: int = -1,
+                 role: str = "both", tp_group: TensorParallelGroup | None = None):
         self.config = config
-        self.device = torch.device(device_id if isinstance(device_id, str) else f"cuda:{device_id}")
+        self.device = torch.device(device_id if not isinstance(device_id, int) else f"cuda:{device_id}")
         self.is_cuda = self.device.type == "cuda"
         self.role = role
         self.block_size = config.kv_cache_block_size
+        workers = None
+        if tp_group is None and config.tensor_parallel_size > 1:
+            workers = tensor_parallel.Workers(config, self.device, num_kv_blocks, role)
+            tp_group = workers.group
+        self.tp = tp_group or TensorParallelGroup()
+        self.workers = None  # set once set-up is done: from then on, each launch is sent to the other ranks
         hf = config.hf_config
-        self.num_kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+        num_kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+        self.num_kv_heads = max(1, num_kv_heads // self.tp.size)  # this rank's
         self.head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         self.busy_seconds = 0.0  # device time spent in model steps (CUDA: measured with events)
-        with self.on_device(), torch.inference_mode():
+        with self.on_device(), torch.inference_mode(), tensor_parallel.reporting_failures(workers):
             self.model = self._build_model()
             self.backend = select_backend(self.device, self.block_size)
             for attn in self.model.attention_layers():
@@ -51,9 +65,16 @@ class ModelRunner:
             if self.is_cuda and not config.enforce_eager and role != "prefill":
                 self._capture_cudagraphs()
             self.copy_stream = torch.cuda.Stream(self.device) if self.is_cuda else None
+        self.workers = workers
         logger.info(f"{role} runner on {self.device}: {config.dtype}, attention backend {self.backend}, "
                     f"{self.num_kv_blocks} KV blocks ({self.kv_capacity_tokens} tokens, "
-                    f"{self.kv_cache.nbytes / 2**30:.2f} GiB), CUDA graphs {'on' if self.graphs else 'off'}")
+                    f"{self.kv_cache.nbytes / 2**30:.2f} GiB), CUDA graphs {'on' if self.graphs else 'off'}"
+                    + (f", tensor parallel over {self.tp.size} ranks" if self.tp.size > 1 else ""))
+
+    def close(self):
+        """Stop the other tensor-parallel ranks, if this is rank 0 of several (no-op otherwise)."""
+        if self.workers is not None:
+            self.workers.close()
 
     def on_device(self):
         """Make this runner's GPU current: Triton launches and graph capture go to the current device."""
@@ -66,7 +87,7 @@ class ModelRunner:
         torch.set_default_dtype(self.config.dtype)
         try:
             with torch.device(self.device):
-                model = DecoderForCausalLM(self.config.hf_config)
+                model = DecoderForCausalLM(self.config.hf_config, self.tp)
         finally:
             torch.set_default_dtype(default_dtype)
         load_model(model, self.config.model)
@@ -92,7 +113,7 @@ class ModelRunner:
         block_bytes = (2 * hf.num_hidden_layers * self.block_size * self.num_kv_heads * self.head_dim
                        * self.config.dtype.itemsize)
         if num_blocks <= 0:
-            num_blocks = self._blocks_that_fit(block_bytes)
+            num_blocks = self.tp.min(self._blocks_that_fit(block_bytes))  # every rank holds every block
         if num_blocks <= 0:
             raise RuntimeError(f"no memory left for the KV cache on {self.device}: lower max_num_batched_tokens "
                                f"or raise gpu_memory_utilization")
@@ -164,11 +185,15 @@ class ModelRunner:
     # ---- running ----
 
     def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
-        return self.launch(seqs, is_prefill).get()
+        with tensor_parallel.reporting_failures(self.workers):
+            pending = self.launch(seqs, is_prefill)
+            return pending.get() if pending else []  # ranks other than 0 sample nothing
 
     @torch.inference_mode()
     def launch(self, seqs: list[Sequence], is_prefill: bool) -> "PendingTokens":
         """Start a step without waiting for it: the sampled tokens arrive through the returned handle."""
+        if self.workers:
+            self.workers.call("launch", tensor_parallel.step_view(seqs, is_prefill), is_prefill)
         with self.on_device():
             input_ids, positions, ctx = (self.prepare_prefill if is_prefill else self.prepare_decode)(seqs)
             timer = StepTimer(self)
@@ -179,6 +204,8 @@ class ModelRunner:
             if is_prefill:
                 hidden = hidden[ctx.cu_seqlens_q[1:] - 1]
             logits = self.model.compute_logits(hidden)
+            if logits is None:  # not rank 0
+                return None
             token_ids = self.sampler(logits, [seq.params for seq in seqs], [len(seq) for seq in seqs])
             return PendingTokens(token_ids, timer)
 
