@@ -112,9 +112,10 @@ class Workers:
 def reporting_failures(workers: Workers | None):
     """Around rank 0's part of a step (or its set-up).
 
-    If another rank failed, raise an error with its traceback (also when rank 0's own error, e.g. a
-    collective that lost its peer, is only the consequence). If rank 0 fails, stop the other ranks, which
-    would otherwise wait for it forever.
+    If another rank failed, raise an error with its traceback. If rank 0 fails, stop the other ranks,
+    which would otherwise wait for it forever. A lost peer shows on rank 0 as a RuntimeError (a collective
+    failed) or an OSError (a pipe broke): then the peer's own error, if it sent one, is the one to report;
+    any other error (a ValueError for weights that do not fit, say) is rank 0's own.
     """
     if workers is None:
         yield
@@ -122,10 +123,11 @@ def reporting_failures(workers: Workers | None):
     try:
         yield
     except BaseException as e:
-        if not isinstance(e, KeyboardInterrupt):
+        from_peer = isinstance(e, (RuntimeError, OSError))
+        if from_peer:
             workers.failed.wait(REPORT_WAIT_S)
         workers.close(kill=True)
-        if workers.failures:
+        if from_peer and workers.failures:
             raise RuntimeError(workers.failures[0]) from e
         raise
     if workers.failures:  # NCCL was aborted under this step: its results are garbage
@@ -189,8 +191,7 @@ def _watch(processes, reports, failures, failed, stopping, aborts):
             message = conn.recv()[1] if conn.poll() else f"its process exited with code {processes[i].exitcode}"
             failures.append(f"tensor-parallel rank {i + 1} failed:\n{message}")
             failed.set()
-            for abort in aborts:
-                abort()
+            _abort_once(aborts)
 
 
 def _stop(processes, commands, stopping, aborts):
@@ -206,8 +207,12 @@ def _stop(processes, commands, stopping, aborts):
         if process.is_alive():
             process.kill()
             process.join()
-    for abort in aborts:  # rank 0's NCCL communicator: its peers are gone
-        abort()
+    _abort_once(aborts)  # rank 0's NCCL communicator: its peers are gone
+
+
+def _abort_once(aborts: list):
+    with contextlib.suppress(IndexError):  # the watcher may have been first
+        aborts.pop()()
 
 
 # ---- the other ranks' side ----
