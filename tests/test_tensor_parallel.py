@@ -5,10 +5,12 @@ On GPUs (NCCL, CUDA graphs on every rank) in bf16: tp=2 and tp=4 against tp=1, w
 a near-tie (the rule of tests/test_gpu.py). Run with -s to see the table.
 """
 import gc
+import json
 import os
 import signal
 import subprocess
 import sys
+import shutil
 import textwrap
 import time
 
@@ -60,8 +62,6 @@ def test_two_tp_engines_in_one_process_and_kv_heads_replicated_over_4_ranks(qwen
 
 
 def _edited(src, dst, **fields):
-    import json
-    import shutil
     shutil.copytree(src, dst)
     with open(os.path.join(dst, "config.json")) as f:
         config = json.load(f)
@@ -172,6 +172,18 @@ def test_ranks_exit_with_the_users_process(qwen3_path, tmp_path, how):
             assert "KeyboardInterrupt" in stderr
     finally:
         user.kill()
+
+
+def test_throughput_script_runs_tp_and_dp_on_a_tiny_model(tmp_path):
+    """tests/bench_tensor_parallel.py on the CPU, so that it cannot rot."""
+    out = tmp_path / "results.json"
+    subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "bench_tensor_parallel.py"),
+                    "--random-model", "qwen3-tiny", "--cache-dir", str(tmp_path), "--device", "cpu", "--modes", "tp2,dp2",
+                    "--num-requests", "4", "--input-len", "8", "24", "--output-len", "4", "8", "--max-model-len", "128",
+                    "--json", str(out)], check=True, capture_output=True)
+    results = {r["mode"]: r for r in json.loads(out.read_text())["results"]}
+    assert results["tp2"]["output_tokens"] == results["dp2"]["output_tokens"] > 0
+    assert results["tp2"]["output_tok_s"] > 0 and results["dp2"]["output_tok_s"] > 0
 
 
 # ---- on GPUs: NCCL, CUDA graphs on every rank, bf16 ----
