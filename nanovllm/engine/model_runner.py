@@ -187,11 +187,12 @@ class ModelRunner:
     def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
         with tensor_parallel.reporting_failures(self.workers):
             pending = self.launch(seqs, is_prefill)
-            return pending.get() if pending else []  # ranks other than 0 sample nothing
+            return pending.get() if pending is not None else []  # ranks other than 0 sample nothing
 
     @torch.inference_mode()
-    def launch(self, seqs: list[Sequence], is_prefill: bool) -> "PendingTokens":
-        """Start a step without waiting for it: the sampled tokens arrive through the returned handle."""
+    def launch(self, seqs: list[Sequence], is_prefill: bool) -> "PendingTokens | None":
+        """Start a step without waiting for it: the sampled tokens arrive through the returned handle
+        (None on tensor-parallel ranks other than 0)."""
         if self.workers:
             self.workers.call("launch", tensor_parallel.step_view(seqs, is_prefill), is_prefill)
         with self.on_device():

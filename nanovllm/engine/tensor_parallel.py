@@ -124,7 +124,7 @@ def reporting_failures(workers: Workers | None):
         yield
     except BaseException as e:
         from_peer = isinstance(e, (RuntimeError, OSError))
-        if from_peer:
+        if from_peer and not workers.stopping.is_set():
             workers.failed.wait(REPORT_WAIT_S)
         workers.close(kill=True)
         if from_peer and workers.failures:
