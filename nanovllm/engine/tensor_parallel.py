@@ -28,7 +28,6 @@ import threading
 import time
 import traceback
 import weakref
-from copy import copy
 
 import torch
 import torch.distributed as dist
@@ -135,23 +134,30 @@ def reporting_failures(workers: Workers | None):
         raise RuntimeError(workers.failures[0])
 
 
-def step_view(seqs: list[Sequence], is_prefill: bool) -> list[Sequence]:
-    """Copies of `seqs` for the other ranks, carrying only the tokens a step reads: a prefill the ones
-    not in the prefix cache, a decode step the last one. (Sending whole sequences every step would cost
-    rank 0 more than the step.)"""
-    views = []
-    for seq in seqs:
-        view = copy(seq)
-        view.token_ids = TokenTail(seq.token_ids, seq.num_cached_tokens if is_prefill else len(seq) - 1)
-        views.append(view)
-    return views
+def step_view(seqs: list[Sequence], is_prefill: bool) -> list["StepSequence"]:
+    """What the other ranks need of `seqs` for one step (see StepSequence)."""
+    return [StepSequence.of(seq, seq.num_cached_tokens if is_prefill else len(seq) - 1) for seq in seqs]
 
 
-class TokenTail:
-    """A sequence's tokens from `start` on, indexed by their positions in the whole sequence."""
+class StepSequence(Sequence):
+    """A sequence as another rank sees it in one step: its length, its KV blocks and the tokens the step
+    reads, from `start` on (a prefill: those not in the prefix cache; a decode step: the last one), indexed
+    by their positions in the whole sequence. It pickles to a short tuple: sending whole sequences would
+    cost rank 0 more than the step. (When the runner reads more of a sequence, add it here.)"""
 
-    def __init__(self, token_ids: list[int], start: int):
-        self.start, self.tokens = start, token_ids[start:]
+    def __init__(self, num_tokens: int, num_cached_tokens: int, block_size: int, block_table: list[int],
+                 last_token: int, start: int, tokens: list[int]):
+        self.num_tokens, self.num_cached_tokens, self.block_size = num_tokens, num_cached_tokens, block_size
+        self.block_table, self.last_token, self.start, self.tokens = block_table, last_token, start, tokens
+
+    @classmethod
+    def of(cls, seq: Sequence, start: int) -> "StepSequence":
+        return cls(seq.num_tokens, seq.num_cached_tokens, seq.block_size, seq.block_table, seq.last_token, start,
+                   seq.token_ids[start:])
+
+    def __reduce__(self):
+        return StepSequence, (self.num_tokens, self.num_cached_tokens, self.block_size, self.block_table,
+                              self.last_token, self.start, self.tokens)
 
     def __getitem__(self, key):
         if isinstance(key, slice) and key.step is None and (key.start or 0) >= self.start:
@@ -159,9 +165,6 @@ class TokenTail:
         if isinstance(key, int) and key >= self.start:
             return self.tokens[key - self.start]
         raise IndexError(f"tokens {key} of a sequence were not sent to this rank (only from {self.start} on)")
-
-    def __len__(self):
-        return self.start + len(self.tokens)
 
 
 # ---- rank 0's side ----
