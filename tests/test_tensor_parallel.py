@@ -6,6 +6,7 @@ a near-tie (the rule of tests/test_gpu.py). Run with -s to see the table.
 """
 import gc
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -105,6 +106,13 @@ def wait_until_gone(pids: list[int], timeout: float = 60) -> list[int]:
     while any(map(is_running, pids)) and time.monotonic() < deadline:
         time.sleep(0.2)
     return [pid for pid in pids if is_running(pid)]
+
+
+def test_weights_that_do_not_fit_fail_as_on_one_device_and_leave_no_rank(qwen3_path, tmp_path):
+    path = _edited(qwen3_path, tmp_path / "m", intermediate_size=256)  # splits evenly, but the weights have 128
+    with pytest.raises(ValueError, match="does not match"):  # rank 0's own error, while loading
+        LLM(path, tensor_parallel_size=2, **CPU, num_kv_cache_blocks=64)
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("nanovllm-tp-rank")]
 
 
 def test_a_failing_rank_raises_its_traceback_in_the_users_process(qwen3_path):

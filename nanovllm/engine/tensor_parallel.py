@@ -56,26 +56,28 @@ class Workers:
     def __init__(self, config, device: torch.device, num_kv_blocks: int, role: str):
         size = config.tensor_parallel_size
         store = dist.TCPStore("127.0.0.1", 0, size, is_master=True, wait_for_workers=False)  # port 0: a free one
-        spawn = mp.get_context("spawn")
         self.processes, self.commands, reports = [], [], []
-        for rank in range(1, size):
-            command_reader, self_commands = spawn.Pipe(duplex=False)
-            self_reports, report_writer = spawn.Pipe(duplex=False)
-            rank_device = torch.device(device.type, device.index + rank) if device.type == "cuda" else device
-            process = spawn.Process(target=run_worker, name=f"nanovllm-tp-rank{rank}", daemon=True,
-                                    args=(config, rank, rank_device, num_kv_blocks, role, store.port,
-                                          torch.get_num_threads(), os.getpid(), command_reader, report_writer))
-            process.start()
-            command_reader.close(), report_writer.close()  # the child's ends
-            self.processes.append(process)
-            self.commands.append(self_commands)
-            reports.append(self_reports)
         self.failures: list[str] = []  # filled by the watcher thread
         self.failed = threading.Event()
         self.stopping = threading.Event()
         self.aborts = []  # rank 0's NCCL abort, once connected: unblocks it when another rank is gone
+        # Stops the ranks on close(), at exit, or when this object is collected, whichever comes first.
         self._finalizer = weakref.finalize(self, _stop, self.processes, self.commands, self.stopping, self.aborts)
+        spawn = mp.get_context("spawn")
         try:
+            for rank in range(1, size):
+                command_reader, command_writer = spawn.Pipe(duplex=False)
+                report_reader, report_writer = spawn.Pipe(duplex=False)
+                rank_device = torch.device(device.type, device.index + rank) if device.type == "cuda" else device
+                process = spawn.Process(target=run_worker, name=f"nanovllm-tp-rank{rank}", daemon=True,
+                                        args=(config, rank, rank_device, num_kv_blocks, role, store.port,
+                                              torch.get_num_threads(), os.getpid(), command_reader, report_writer))
+                process.start()
+                self.processes.append(process)
+                self.commands.append(command_writer)
+                reports.append(report_reader)
+                command_reader.close()  # the child's ends
+                report_writer.close()
             _wait_until_connecting(self.processes, reports)
             self.group = connect(0, size, device, store)
         except BaseException:
