@@ -27,7 +27,7 @@ class Config:
     num_kv_cache_blocks: int = -1  # > 0: exactly this many blocks (decode side in PD mode); -1: sized automatically
     num_prefill_kv_cache_blocks: int = -1  # PD mode only: prefill-side blocks; -1: as num_kv_cache_blocks
     enforce_eager: bool = False
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int = 1  # > 1: one process per rank, rank r on GPU device+r (all on the CPU: gloo)
     device: int | str | torch.device | None = None  # "cuda", "cuda:N", "cpu" or a GPU index; default cuda if any
     dtype: str | torch.dtype | None = None  # default bfloat16 on CUDA, float32 on CPU
     chunked_prefill_tokens: int = 2048  # prompt tokens a step may prefill beside decodes; 0: prefill steps run alone
@@ -47,6 +47,7 @@ class Config:
         self._check_limits()
         self._resolve_devices()
         self.hf_config = load_hf_config(self.model)
+        self._check_tensor_parallel_split()
         self.max_model_len = min(self.max_model_len, self.hf_config.max_position_embeddings)
         if not self.chunked_prefill_tokens and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_model_len "
@@ -86,10 +87,11 @@ class Config:
             raise ValueError(f"pd_fallback must be 'error', 'single' or 'host', got {self.pd_fallback!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.tensor_parallel_size != 1:
-            if self.enable_two_gpu_pd:
-                raise ValueError("tensor_parallel_size > 1 cannot be combined with enable_two_gpu_pd")
-            raise NotImplementedError("tensor_parallel_size > 1 is not supported yet; use 1")
+        tp = self.tensor_parallel_size
+        if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive int, got {tp!r}")
+        if tp > 1 and self.enable_two_gpu_pd:
+            raise ValueError("tensor_parallel_size > 1 cannot be combined with enable_two_gpu_pd")
         if not os.path.isdir(self.model):
             raise ValueError(f"model directory not found: {self.model!r}")
 
@@ -104,7 +106,12 @@ class Config:
                 self.enable_two_gpu_pd = False
                 self.device = self.prefill_device_id if _exists(self.prefill_device_id) else None
         if not self.enable_two_gpu_pd:
-            self.device = str(resolve_device(self.device))
+            device = resolve_device(self.device)
+            tp, count = self.tensor_parallel_size, torch.cuda.device_count()
+            if device.type == "cuda" and device.index + tp > count:
+                raise ValueError(f"tensor_parallel_size={tp} needs GPUs {device} to cuda:{device.index + tp - 1}; "
+                                 f"this machine has {count} CUDA device(s)")
+            self.device = str(device)
 
     def _resolve_pd_devices(self):
         prefill, decode = resolve_device(self.prefill_device_id), resolve_device(self.decode_device_id)
@@ -120,6 +127,21 @@ class Config:
             self.kv_via_host = True
         self.prefill_device_id, self.decode_device_id = str(prefill), str(decode)
         self.device = str(decode)
+
+    def _check_tensor_parallel_split(self):
+        """Each rank takes an equal share of the heads, the MLP and the vocabulary. KV heads may also be
+        fewer than the ranks, if the ranks split evenly among them (each KV head is then replicated)."""
+        tp, hf = self.tensor_parallel_size, self.hf_config
+        if tp == 1:
+            return
+        kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+        for name, value in (("num_attention_heads", hf.num_attention_heads), ("intermediate_size", hf.intermediate_size),
+                            ("vocab_size", hf.vocab_size)):
+            if value % tp:
+                raise ValueError(f"tensor_parallel_size={tp} must divide the model's {name} ({value})")
+        if kv_heads % tp and tp % kv_heads:
+            raise ValueError(f"tensor_parallel_size={tp} and the model's num_key_value_heads ({kv_heads}) must "
+                             f"divide one another")
 
     def _resolve_dtype(self) -> torch.dtype:
         if self.dtype is None:

@@ -5,6 +5,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from nanovllm import LLM, Config, SamplingParams
 from nanovllm.engine import llm_engine
@@ -202,11 +204,53 @@ def test_weights_that_do_not_match_the_config(qwen3_path, tmp_path):
         LLM(path, **SMALL)
 
 
+def test_more_layers_in_the_checkpoint_than_in_the_config(qwen3_path, tmp_path):
+    path = _broken_copy(qwen3_path, tmp_path / "m",
+                        lambda c: c.update(num_hidden_layers=1, layer_types=c["layer_types"][:1]))
+    with pytest.raises(ValueError, match=r"has 11 tensor\(s\) the model does not have: model\.layers\.1\."):
+        LLM(path, **SMALL)
+
+
+def _edit_weights(src, dst, edit):
+    shutil.copytree(src, dst)
+    file = os.path.join(dst, "model.safetensors")
+    tensors = load_file(file)
+    edit(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})
+    return str(dst)
+
+
+def test_missing_weights(qwen3_path, tmp_path):
+    path = _edit_weights(qwen3_path, tmp_path / "m", lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(ValueError, match="missing weights for: model.layers.1.mlp.gate_up_proj.weight"):
+        LLM(path, **SMALL)
+
+
+def test_tied_lm_head_and_rotary_buffers_in_the_checkpoint_are_fine(qwen3_path, tmp_path):
+    def add_extras(tensors):
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+        tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(16)
+    path = _edit_weights(qwen3_path, tmp_path / "m", add_extras)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    assert (LLM(path, **SMALL).generate([[1, 2, 3]], params, use_tqdm=False)
+            == LLM(qwen3_path, **SMALL).generate([[1, 2, 3]], params, use_tqdm=False))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_unreadable_safetensors_file(qwen3_path, tmp_path, damage):
+    shutil.copytree(qwen3_path, tmp_path / "m")
+    file = tmp_path / "m" / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[:len(data) // 2] if damage == "truncated" else os.urandom(1000))
+    with pytest.raises(ValueError, match=f"cannot read {file}"):
+        LLM(str(tmp_path / "m"), **SMALL)
+
+
 def test_bad_config_values(qwen3_path):
     with pytest.raises(TypeError, match="unknown option.*max_num_seq\\b"):
         LLM(qwen3_path, max_num_seq=4)
-    with pytest.raises(NotImplementedError, match="tensor_parallel_size"):
-        LLM(qwen3_path, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="tensor_parallel_size must be a positive int"):
+        LLM(qwen3_path, tensor_parallel_size=0, **SMALL)
     with pytest.raises(ValueError, match="dtype"):
         LLM(qwen3_path, **dict(SMALL, dtype="int8"))
     with pytest.raises(ValueError, match="does not exist"):

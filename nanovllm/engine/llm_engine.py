@@ -175,6 +175,12 @@ class LLMEngine:
     def is_finished(self) -> bool:
         return self.scheduler.is_finished() and not self.undelivered
 
+    def close(self):
+        """Stop the processes of the other tensor-parallel ranks, after which the engine cannot run. Also done
+        at exit and when the engine is garbage-collected; a no-op without tensor parallelism."""
+        for worker in getattr(self, "workers", []):
+            worker.runner.close()
+
     # ---- the step loop ----
 
     def step(self) -> list[StepOutput]:

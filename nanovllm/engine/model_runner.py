@@ -1,14 +1,17 @@
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from nanovllm.config import Config
+from nanovllm.engine import tensor_parallel
 from nanovllm.engine.scheduler import Batch
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import select_backend
+from nanovllm.layers.linear import TensorParallelGroup
 from nanovllm.layers.sampler import Sampler
 from nanovllm.models.decoder import DecoderForCausalLM
 from nanovllm.sampling_params import SamplingParams
@@ -29,19 +32,33 @@ class ModelRunner:
 
     KV layout is block-major, [num_blocks, num_layers, 2 (K/V), block_size, kv_heads, head_dim], so that
     all layers of a run of consecutive blocks are one contiguous range: one copy moves them to a peer.
+
+    A step is two halves: `host_inputs` turns a Batch into plain arrays (on the host, while the device still
+    runs the previous step), `execute` runs them. Tensor parallelism (config.tensor_parallel_size > 1): this
+    runner is one rank (`tp_group`; rank 0 when None, which then starts the other ranks, see
+    engine/tensor_parallel.py) holding its share of the weights and KV heads; rank 0 sends each step's
+    inputs to the other ranks, samples, and broadcasts the tokens (later steps read PENDING tokens from them).
     """
 
-    def __init__(self, config: Config, device_id: int | str, num_kv_blocks: int = -1, role: str = "both"):
+    def __init__(self, config: Config, device_id: int | str | torch.device, num_kv_blocks: int = -1,
+                 role: str = "both", tp_group: TensorParallelGroup | None = None):
         self.config = config
-        self.device = torch.device(device_id if isinstance(device_id, str) else f"cuda:{device_id}")
+        self.device = torch.device(device_id if not isinstance(device_id, int) else f"cuda:{device_id}")
         self.is_cuda = self.device.type == "cuda"
         self.role = role
         self.block_size = config.kv_cache_block_size
+        workers = None
+        if tp_group is None and config.tensor_parallel_size > 1:
+            workers = tensor_parallel.Workers(config, self.device, num_kv_blocks, role)
+            tp_group = workers.group
+        self.tp = tp_group or TensorParallelGroup()
+        self.workers = None  # set once set-up is done: from then on, each step is sent to the other ranks
         hf = config.hf_config
-        self.num_kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+        num_kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+        self.num_kv_heads = max(1, num_kv_heads // self.tp.size)  # this rank's
         self.head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         self.busy_seconds = 0.0  # device time spent in model steps (CUDA: measured with events)
-        with self.on_device(), torch.inference_mode():
+        with self.on_device(), torch.inference_mode(), tensor_parallel.reporting_failures(workers):
             self.model = self._build_model()
             self.backend = select_backend(self.device, self.block_size)
             for attn in self.model.attention_layers():
@@ -54,9 +71,16 @@ class ModelRunner:
                 self._capture_cudagraphs()
             self.copy_stream = torch.cuda.Stream(self.device) if self.is_cuda else None  # KV transfers
             self.last_sampled: torch.Tensor | None = None
+        self.workers = workers
         logger.info(f"{role} runner on {self.device}: {config.dtype}, attention backend {self.backend}, "
                     f"{self.num_kv_blocks} KV blocks ({self.kv_capacity_tokens} tokens, "
-                    f"{self.kv_cache.nbytes / 2**30:.2f} GiB), CUDA graphs {'on' if self.graphs else 'off'}")
+                    f"{self.kv_cache.nbytes / 2**30:.2f} GiB), CUDA graphs {'on' if self.graphs else 'off'}"
+                    + (f", tensor parallel over {self.tp.size} ranks" if self.tp.size > 1 else ""))
+
+    def close(self):
+        """Stop the other tensor-parallel ranks, if this is rank 0 of several (no-op otherwise)."""
+        if self.workers is not None:
+            self.workers.close()
 
     def on_device(self):
         """Make this runner's GPU current: Triton launches and graph capture go to the current device."""
@@ -69,7 +93,7 @@ class ModelRunner:
         torch.set_default_dtype(self.config.dtype)
         try:
             with torch.device(self.device):
-                model = DecoderForCausalLM(self.config.hf_config)
+                model = DecoderForCausalLM(self.config.hf_config, self.tp)
         finally:
             torch.set_default_dtype(default_dtype)
         load_model(model, self.config.model)
@@ -95,7 +119,7 @@ class ModelRunner:
         block_bytes = (2 * hf.num_hidden_layers * self.block_size * self.num_kv_heads * self.head_dim
                        * self.config.dtype.itemsize)
         if num_blocks <= 0:
-            num_blocks = self._blocks_that_fit(block_bytes)
+            num_blocks = self.tp.min(self._blocks_that_fit(block_bytes))  # every rank holds every block
         if num_blocks <= 0:
             raise RuntimeError(f"no memory left for the KV cache on {self.device}: lower max_num_batched_tokens "
                                f"or raise gpu_memory_utilization")
@@ -116,24 +140,32 @@ class ModelRunner:
         budget = total * self.config.gpu_memory_utilization - (total - free) - (peak - current)
         return int(budget) // block_bytes
 
-    # ---- inputs ----
+    # ---- inputs (host side: plain arrays, sent as they are to the other tensor-parallel ranks) ----
 
-    def _tensor(self, data, dtype) -> torch.Tensor:
-        return to_device(data, dtype, self.device)
+    def host_inputs(self, batch: Batch) -> "StepInputs":
+        inputs = StepInputs(sample_positions=[end for _, end, _ in batch.decodes])
+        if batch.decodes:
+            inputs.decode, inputs.decode_tables = self._decode_arrays(batch.decodes)
+        if batch.prefills:
+            sampling = batch.sampling_prefills()
+            inputs.prefill = self._prefill_arrays(batch.prefills, sampling)
+            inputs.sample_positions += [batch.prefills[i][2] for i in sampling]
+        return inputs
 
-    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
-        tables = np.full((len(seqs), max(len(seq.block_table) for seq in seqs)), -1, dtype=np.int32)
-        for row, seq in zip(tables, seqs):
-            row[:len(seq.block_table)] = seq.block_table
-        return to_device(tables, torch.int32, self.device)
+    def _decode_arrays(self, decodes: list[tuple[Sequence, int, int]]) -> tuple[np.ndarray, np.ndarray]:
+        """One token per sequence (token end - 1), whose id may still be PENDING on the device: rows of
+        ids, pending rows, positions, slots, context lengths; and the block tables. (The hot path of the host.)"""
+        bs = self.block_size
+        rows = []
+        for seq, end, row in decodes:
+            p = end - 1
+            rows.append((seq.token_ids[p], row, p, seq.block_table[p // bs] * bs + p % bs, end))
+        host = np.array(rows, dtype=np.int64).T.copy()  # [5, batch]
+        host[0, host[1] >= 0] = 0  # PENDING: read on the device
+        return host, _block_tables([seq for seq, _, _ in decodes])
 
-    def _slots(self, seq: Sequence, start: int, end: int) -> np.ndarray:
-        """Cache slots of tokens [start, end) of `seq`."""
-        positions = np.arange(start, end)
-        return np.asarray(seq.block_table)[positions // self.block_size] * self.block_size + positions % self.block_size
-
-    def prepare_prefill(self, chunks: list[tuple[Sequence, int, int]]) -> tuple[torch.Tensor, torch.Tensor, Context]:
-        """Inputs for computing the KV of tokens [start, end) of each sequence, over its context [0, end)."""
+    def _prefill_arrays(self, chunks: list[tuple[Sequence, int, int]], sampling: list[int]) -> dict:
+        """Tokens [start, end) of each sequence, over its context [0, end)."""
         input_ids, positions, slot_mapping, context_slots = [], [], [], []
         cu_seqlens_q, cu_seqlens_k = [0], [0]
         has_context = any(start for _, start, _ in chunks)
@@ -147,61 +179,80 @@ class ModelRunner:
             slot_mapping.append(self._slots(seq, start, end))
             if has_context:
                 context_slots.append(self._slots(seq, 0, end))
-        ctx = Context(
-            is_prefill=True, slot_mapping=self._tensor(_concat(slot_mapping), torch.int32),
-            cu_seqlens_q=self._tensor(cu_seqlens_q, torch.int32), cu_seqlens_k=self._tensor(cu_seqlens_k, torch.int32),
-            max_seqlen_q=max(end - start for _, start, end in chunks), max_seqlen_k=max(end for _, _, end in chunks),
-            prefix_slots=self._tensor(_concat(context_slots), torch.int64) if has_context else None,
-            block_tables=self._block_tables([seq for seq, _, _ in chunks]) if has_context else None)
-        return self._tensor(input_ids, torch.int64), self._tensor(_concat(positions), torch.int64), ctx
+        return dict(input_ids=np.asarray(input_ids, dtype=np.int64), positions=_concat(positions),
+                    slot_mapping=_concat(slot_mapping), cu_seqlens_q=np.asarray(cu_seqlens_q),
+                    cu_seqlens_k=np.asarray(cu_seqlens_k), max_seqlen_q=max(end - start for _, start, end in chunks),
+                    max_seqlen_k=max(end for _, _, end in chunks), last_tokens=np.asarray(cu_seqlens_q)[1:][sampling] - 1,
+                    context_slots=_concat(context_slots) if has_context else None,
+                    block_tables=_block_tables([seq for seq, _, _ in chunks]) if has_context else None)
 
-    def prepare_decode(self, decodes: list[tuple[Sequence, int, int]]) -> tuple[torch.Tensor, torch.Tensor, Context]:
-        """Inputs for one token per sequence (token end - 1), whose id may still be PENDING on this device.
-        All of it goes to the device in one copy (host work per step is what limits small models)."""
-        bs = self.block_size
-        rows = []
-        for seq, end, row in decodes:
-            p = end - 1
-            rows.append((seq.token_ids[p], row, p, seq.block_table[p // bs] * bs + p % bs, end))
-        host = np.array(rows, dtype=np.int64).T.copy()  # [5, batch]: ids, pending rows, positions, slots, lengths
-        pending = host[1] >= 0
-        host[0, pending] = 0
-        input_ids, prev_rows, positions, slot_mapping, context_lens = to_device(host, torch.int64, self.device)
-        if pending.any():  # sampled by the previous step: take them from its output, on the device
+    def _slots(self, seq: Sequence, start: int, end: int) -> np.ndarray:
+        """Cache slots of tokens [start, end) of `seq`."""
+        positions = np.arange(start, end)
+        return np.asarray(seq.block_table)[positions // self.block_size] * self.block_size + positions % self.block_size
+
+    # ---- inputs (device side) ----
+
+    def _tensor(self, data, dtype) -> torch.Tensor:
+        return to_device(data, dtype, self.device)
+
+    def _decode_tensors(self, inputs: "StepInputs") -> tuple[torch.Tensor, torch.Tensor, Context]:
+        """Decode inputs on the device, in one copy; PENDING ids are taken from the previous step's output."""
+        input_ids, prev_rows, positions, slot_mapping, context_lens = self._tensor(inputs.decode, torch.int64)
+        if (inputs.decode[1] >= 0).any():
             input_ids = torch.where(prev_rows >= 0, self.last_sampled[prev_rows.clamp(min=0)], input_ids)
         ctx = Context(is_prefill=False, slot_mapping=slot_mapping, context_lens=context_lens,
-                      block_tables=self._block_tables([seq for seq, _, _ in decodes]))
+                      block_tables=self._tensor(inputs.decode_tables, torch.int32))
         return input_ids, positions, ctx
+
+    def _prefill_tensors(self, p: dict) -> tuple[torch.Tensor, torch.Tensor, Context]:
+        has_context = p["context_slots"] is not None
+        ctx = Context(is_prefill=True, slot_mapping=self._tensor(p["slot_mapping"], torch.int32),
+                      cu_seqlens_q=self._tensor(p["cu_seqlens_q"], torch.int32),
+                      cu_seqlens_k=self._tensor(p["cu_seqlens_k"], torch.int32),
+                      max_seqlen_q=p["max_seqlen_q"], max_seqlen_k=p["max_seqlen_k"],
+                      prefix_slots=self._tensor(p["context_slots"], torch.int64) if has_context else None,
+                      block_tables=self._tensor(p["block_tables"], torch.int32) if has_context else None)
+        return self._tensor(p["input_ids"], torch.int64), self._tensor(p["positions"], torch.int64), ctx
 
     # ---- running ----
 
     def run(self, batch: Batch) -> list[int]:
         return self.launch(batch).get()
 
-    @torch.inference_mode()
     def launch(self, batch: Batch) -> "PendingTokens":
         """Start a step without waiting for it: the sampled tokens arrive through the returned handle, and stay
         on the device as `last_sampled`, where the next step's PENDING inputs are read from."""
+        inputs = self.host_inputs(batch)
+        with tensor_parallel.reporting_failures(self.workers):
+            if self.workers:
+                self.workers.call("execute", inputs)
+            return self.execute(inputs, [seq.params for seq in batch.sampled])
+
+    @torch.inference_mode()
+    def execute(self, inputs: "StepInputs", params: list[SamplingParams] | None = None) -> "PendingTokens | None":
+        """Run one step's inputs; returns the tokens' handle on rank 0 (None on the other ranks)."""
         with self.on_device():
             timer = StepTimer(self)
             hidden = []
-            if batch.decodes:
-                input_ids, positions, ctx = self.prepare_decode(batch.decodes)
-                if not self.graphs or len(batch.decodes) > max(self.graphs):
+            if inputs.decode is not None:
+                input_ids, positions, ctx = self._decode_tensors(inputs)
+                if not self.graphs or input_ids.size(0) > max(self.graphs):
                     hidden.append(self.model(input_ids, positions, ctx))
                 else:
                     hidden.append(self._replay_graph(input_ids, positions, ctx))
-            sampling = batch.sampling_prefills()
-            if batch.prefills:
-                input_ids, positions, ctx = self.prepare_prefill(batch.prefills)
-                last_tokens = ctx.cu_seqlens_q[1:][self._tensor(sampling, torch.int64)] - 1
+            if inputs.prefill is not None:
+                input_ids, positions, ctx = self._prefill_tensors(inputs.prefill)
+                last_tokens = self._tensor(inputs.prefill["last_tokens"], torch.int64)
                 hidden.append(self.model(input_ids, positions, ctx)[last_tokens])
             hidden = hidden[0] if len(hidden) == 1 else torch.cat(hidden)
-            logits = self.model.compute_logits(hidden)
-            positions = [end for _, end, _ in batch.decodes] + [batch.prefills[i][2] for i in sampling]
-            token_ids = self.sampler(logits, [seq.params for seq in batch.sampled], positions)
-            self.last_sampled = token_ids
-            return PendingTokens(token_ids, timer)
+            logits = self.model.compute_logits(hidden)  # gathered on rank 0
+            if logits is not None:
+                token_ids = self.sampler(logits, params, inputs.sample_positions)
+            else:
+                token_ids = torch.empty(len(inputs.sample_positions), dtype=torch.int64, device=self.device)
+            self.last_sampled = self.tp.broadcast(token_ids)
+            return PendingTokens(token_ids, timer, self.workers) if self.tp.rank == 0 else None
 
     # ---- CUDA graphs for decode ----
 
@@ -253,6 +304,22 @@ class ModelRunner:
         return v["outputs"][:bs]
 
 
+@dataclass
+class StepInputs:
+    """One step's inputs as plain host arrays (see ModelRunner.host_inputs); they pickle small."""
+    sample_positions: list[int]  # position of each sampled token (per-request seeds use it)
+    decode: np.ndarray | None = None  # [5, batch] int64: ids, pending rows, positions, slots, lengths
+    decode_tables: np.ndarray | None = None  # [batch, blocks] int32
+    prefill: dict | None = None  # see ModelRunner._prefill_arrays
+
+
+def _block_tables(seqs: list[Sequence]) -> np.ndarray:
+    tables = np.full((len(seqs), max(len(seq.block_table) for seq in seqs)), -1, dtype=np.int32)
+    for row, seq in zip(tables, seqs):
+        row[:len(seq.block_table)] = seq.block_table
+    return tables
+
+
 def _concat(arrays: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
 
@@ -285,8 +352,8 @@ class StepTimer:
 class PendingTokens:
     """Sampled token ids on their way to the host."""
 
-    def __init__(self, token_ids: torch.Tensor, timer: StepTimer):
-        self.timer = timer
+    def __init__(self, token_ids: torch.Tensor, timer: StepTimer, workers=None):
+        self.timer, self.workers = timer, workers
         timer.stop()
         if token_ids.is_cuda:
             self.host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
@@ -304,7 +371,8 @@ class PendingTokens:
             self.event.synchronize()
 
     def get(self) -> list[int]:
-        if self.event is not None:
-            self.event.synchronize()
+        with tensor_parallel.reporting_failures(self.workers):  # another rank's failure: these are garbage
+            if self.event is not None:
+                self.event.synchronize()
         self.timer.add_elapsed()
         return self.host.tolist()

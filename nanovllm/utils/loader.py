@@ -1,63 +1,85 @@
+import contextlib
 import glob
 import os
-from collections import Counter
+from collections import defaultdict
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from nanovllm.layers.linear import MergedLinear
+from nanovllm.layers.linear import default_weight_loader
+
+CONFIG_HINT = "does config.json match the weights?"
 
 
 @torch.no_grad()
 def load_model(model: nn.Module, path: str):
-    """Copy every tensor of the checkpoint's *.safetensors into `model`, reading straight to its device.
+    """Copy the checkpoint's *.safetensors into `model`, each parameter taking its own (tensor-parallel) shard.
 
-    Fused projections (q/k/v, gate/up) take their parts by row range. A parameter (or part) that the
-    checkpoint does not provide is an error.
+    The model says which checkpoint tensors are parts of one fused parameter (`packed_modules_mapping`)
+    and which it does not need (`skipped_checkpoint_tensors`); each parameter's `weight_loader` copies
+    its slice. Anything else that does not fit is an error naming the file or the tensors, raised before
+    any weight is read where the names suffice: a file that cannot be read, tensors the model does not
+    have, parameters (or parts) the checkpoint lacks, a shape that does not match.
     """
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
         raise ValueError(f"no *.safetensors files in {path!r}")
     params = dict(model.named_parameters())
-    merged = {name: module for name, module in model.named_modules() if isinstance(module, MergedLinear)}
-    # "layers.0.self_attn.k_proj" -> ("layers.0.self_attn.qkv_proj", rows of k in it)
-    shards = {f"{name.rpartition('.')[0]}.{shard}": (name, module.shard_rows(shard))
-              for name, module in merged.items() for shard in module.shard_sizes}
-    device = next(model.parameters()).device
-    parts_loaded = Counter()
+    packed = getattr(model, "packed_modules_mapping", {})
+    skipped = getattr(model, "skipped_checkpoint_tensors", ())
+    targets = {}  # checkpoint name -> (parameter name, shard id)
     for file in files:
-        with safe_open(file, framework="pt", device=str(device)) as f:
-            for name in f.keys():
-                target = _target(name, params, shards)
-                if target is None:
-                    continue  # e.g. a tied lm_head saved anyway
-                param_name, rows = target
-                destination = params[param_name].data
-                if rows is not None:
-                    destination = destination.narrow(0, *rows)
-                weight = f.get_tensor(name)
-                if destination.shape != weight.shape:
-                    raise ValueError(f"{name}: checkpoint shape {tuple(weight.shape)} does not match the "
-                                     f"model's {tuple(destination.shape)} (does config.json match the weights?)")
-                destination.copy_(weight)
-                parts_loaded[param_name] += 1
-    missing = [name for name in params if parts_loaded[name] < _num_parts(name, merged)]
+        with _open(file) as f:
+            targets.update((name, _target(name, packed)) for name in f.keys())
+    unexpected = [name for name, (param, _) in targets.items() if param not in params and not name.endswith(skipped)]
+    if unexpected:
+        raise ValueError(f"checkpoint {path!r} has {len(unexpected)} tensor(s) the model does not have: "
+                         f"{_some(unexpected)} ({CONFIG_HINT})")
+    provided = defaultdict(set)
+    for param, shard_id in targets.values():
+        provided[param].add(shard_id)
+    missing = [name for name in params if provided[name] != _parts(name, packed)]
     if missing:
-        raise ValueError(f"checkpoint {path!r} is missing weights for: {', '.join(missing)}")
+        raise ValueError(f"checkpoint {path!r} is missing weights for: {_some(missing)}")
+    for file in files:
+        with _open(file) as f:
+            for name in f.keys():
+                param_name, shard_id = targets[name]
+                if param_name in params:
+                    _load(params[param_name], f.get_tensor(name), shard_id, f"{name} in {file}")
 
 
-def _num_parts(param_name: str, merged: dict) -> int:
-    module = merged.get(param_name.rpartition(".")[0])
-    return len(module.shard_sizes) if module is not None else 1
+def _load(param: nn.Parameter, tensor: torch.Tensor, shard_id, what: str):
+    weight_loader = getattr(param, "weight_loader", default_weight_loader)
+    try:
+        weight_loader(param, tensor) if shard_id is None else weight_loader(param, tensor, shard_id)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e} ({CONFIG_HINT})") from None
 
 
-def _target(name: str, params: dict, shards: dict) -> tuple[str, tuple[int, int] | None] | None:
-    """The parameter (and row range, for a fused one) that checkpoint tensor `name` goes to."""
-    if name in params:
-        return name, None
-    module_path, _, suffix = name.rpartition(".")
-    if module_path in shards:
-        merged_name, rows = shards[module_path]
-        return f"{merged_name}.{suffix}", rows
-    return None
+@contextlib.contextmanager
+def _open(file: str):
+    try:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            yield f
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"cannot read {file}: {e} (truncated or corrupt?)") from None
+
+
+def _target(name: str, packed: dict) -> tuple[str, object]:
+    """The parameter that checkpoint tensor `name` goes to, and which part of it (None: all of it)."""
+    for part, (fused, shard_id) in packed.items():
+        if f".{part}." in name:
+            return name.replace(f".{part}.", f".{fused}."), shard_id
+    return name, None
+
+
+def _parts(param_name: str, packed: dict) -> set:
+    """The shard ids a parameter must receive: each part of a fused one, else just None."""
+    module = param_name.split(".")[-2] if "." in param_name else ""
+    return {shard_id for fused, shard_id in packed.values() if fused == module} or {None}
+
+
+def _some(names: list[str], n: int = 8) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
