@@ -218,9 +218,10 @@ class ModelRunner:
     # ---- running ----
 
     def run(self, batch: Batch) -> list[int]:
-        return self.launch(batch).get()
+        pending = self.launch(batch)
+        return pending.get() if pending is not None else []  # ranks other than 0 sample nothing
 
-    def launch(self, batch: Batch) -> "PendingTokens":
+    def launch(self, batch: Batch) -> "PendingTokens | None":
         """Start a step without waiting for it: the sampled tokens arrive through the returned handle, and stay
         on the device as `last_sampled`, where the next step's PENDING inputs are read from."""
         inputs = self.host_inputs(batch)
