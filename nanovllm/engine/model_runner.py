@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from nanovllm.config import Config
+from nanovllm.engine.partitions import SMPartitions
 from nanovllm.engine.scheduler import Batch
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import select_backend
@@ -41,6 +42,7 @@ class ModelRunner:
         self.num_kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
         self.head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         self.busy_seconds = 0.0  # device time spent in model steps (CUDA: measured with events)
+        self.partitions: SMPartitions | None = None  # M2: green-context SM partitions (Config.sm_partitions)
         with self.on_device(), torch.inference_mode():
             self.model = self._build_model()
             self.backend = select_backend(self.device, self.block_size)
@@ -52,6 +54,8 @@ class ModelRunner:
             self.graphs = {}
             if self.is_cuda and not config.enforce_eager and role != "prefill":
                 self._capture_cudagraphs()
+            if config.sm_partitions and role != "prefill":
+                self.partitions = SMPartitions.from_config(self)
             self.copy_stream = torch.cuda.Stream(self.device) if self.is_cuda else None  # KV transfers
             self.last_sampled: torch.Tensor | None = None
         logger.info(f"{role} runner on {self.device}: {config.dtype}, attention backend {self.backend}, "
@@ -184,24 +188,37 @@ class ModelRunner:
         on the device as `last_sampled`, where the next step's PENDING inputs are read from."""
         with self.on_device():
             timer = StepTimer(self)
-            hidden = []
-            if batch.decodes:
-                input_ids, positions, ctx = self.prepare_decode(batch.decodes)
-                if not self.graphs or len(batch.decodes) > max(self.graphs):
-                    hidden.append(self.model(input_ids, positions, ctx))
-                else:
-                    hidden.append(self._replay_graph(input_ids, positions, ctx))
             sampling = batch.sampling_prefills()
-            if batch.prefills:
-                input_ids, positions, ctx = self.prepare_prefill(batch.prefills)
-                last_tokens = ctx.cu_seqlens_q[1:][self._tensor(sampling, torch.int64)] - 1
-                hidden.append(self.model(input_ids, positions, ctx)[last_tokens])
-            hidden = hidden[0] if len(hidden) == 1 else torch.cat(hidden)
-            logits = self.model.compute_logits(hidden)
+            forward = self.forward if self.partitions is None else self.partitions.forward
+            logits = self.model.compute_logits(forward(batch, sampling))
             positions = [end for _, end, _ in batch.decodes] + [batch.prefills[i][2] for i in sampling]
             token_ids = self.sampler(logits, [seq.params for seq in batch.sampled], positions)
             self.last_sampled = token_ids
             return PendingTokens(token_ids, timer)
+
+    def forward(self, batch: Batch, sampling: list[int]) -> torch.Tensor:
+        """Hidden states of the rows the step samples: its decodes, then the prompts it completes (`sampling`:
+        their indices in batch.prefills). A mixed step runs the decodes, then the prompt chunks."""
+        hidden = []
+        if batch.decodes:
+            hidden.append(self.forward_decodes(batch.decodes))
+        if batch.prefills:
+            hidden.append(self.forward_prefills(batch.prefills, sampling))
+        return hidden[0] if len(hidden) == 1 else torch.cat(hidden)
+
+    def forward_decodes(self, decodes: list[tuple[Sequence, int, int]],
+                        graphs: dict[int, torch.cuda.CUDAGraph] | None = None) -> torch.Tensor:
+        """Through a CUDA graph (this runner's, or `graphs`) when the batch fits one."""
+        graphs = self.graphs if graphs is None else graphs
+        input_ids, positions, ctx = self.prepare_decode(decodes)
+        if not graphs or len(decodes) > max(graphs):
+            return self.model(input_ids, positions, ctx)
+        return self.replay_graph(graphs, input_ids, positions, ctx)
+
+    def forward_prefills(self, prefills: list[tuple[Sequence, int, int]], sampling: list[int]) -> torch.Tensor:
+        input_ids, positions, ctx = self.prepare_prefill(prefills)
+        last_tokens = ctx.cu_seqlens_q[1:][self._tensor(sampling, torch.int64)] - 1
+        return self.model(input_ids, positions, ctx)[last_tokens]
 
     # ---- CUDA graphs for decode ----
 
@@ -221,26 +238,34 @@ class ModelRunner:
                 context_lens=torch.zeros(max_bs, dtype=torch.int32),
                 block_tables=torch.zeros(max_bs, max_blocks, dtype=torch.int32),
                 outputs=torch.zeros(max_bs, hidden_size, dtype=self.config.dtype))
-        pool = None
+        self.graph_pool = None  # shared by every decode graph of this runner (partitions' too)
         # torch.cuda.graph's default capture stream is created once per process, on whichever device
         # was current then: a second runner on another GPU must bring its own.
         stream = torch.cuda.Stream(self.device)
         start = time.perf_counter()
         for bs in reversed(sizes):
-            ctx = Context(is_prefill=False, slot_mapping=v["slot_mapping"][:bs], context_lens=v["context_lens"][:bs],
-                          block_tables=v["block_tables"][:bs])
-            v["outputs"][:bs] = self.model(v["input_ids"][:bs], v["positions"][:bs], ctx)  # warm-up
+            inputs = self.graph_inputs(bs)
+            v["outputs"][:bs] = self.model(*inputs)  # warm-up
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool, stream=stream):
-                v["outputs"][:bs] = self.model(v["input_ids"][:bs], v["positions"][:bs], ctx)
-            pool = pool or graph.pool()
+            with torch.cuda.graph(graph, self.graph_pool, stream=stream):
+                v["outputs"][:bs] = self.model(*inputs)
+            self.graph_pool = self.graph_pool or graph.pool()
             self.graphs[bs] = graph
         torch.cuda.synchronize(self.device)
         logger.info(f"captured {len(sizes)} decode CUDA graphs on {self.device} in {time.perf_counter() - start:.1f}s")
 
-    def _replay_graph(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Context) -> torch.Tensor:
+    def graph_inputs(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, Context]:
+        """The first `bs` rows of the graphs' static inputs, as a model's arguments."""
+        v = self.graph_vars
+        ctx = Context(is_prefill=False, slot_mapping=v["slot_mapping"][:bs], context_lens=v["context_lens"][:bs],
+                      block_tables=v["block_tables"][:bs])
+        return v["input_ids"][:bs], v["positions"][:bs], ctx
+
+    def replay_graph(self, graphs: dict[int, torch.cuda.CUDAGraph], input_ids: torch.Tensor,
+                     positions: torch.Tensor, ctx: Context) -> torch.Tensor:
+        """Run the smallest of `graphs` that fits the batch, on the current stream; rows past it are padding."""
         bs = input_ids.size(0)
-        graph_bs = min(size for size in self.graphs if size >= bs)
+        graph_bs = min(size for size in graphs if size >= bs)
         v = self.graph_vars
         v["input_ids"][:bs] = input_ids
         v["positions"][:bs] = positions
@@ -249,7 +274,7 @@ class ModelRunner:
         v["context_lens"].zero_()
         v["context_lens"][:bs] = ctx.context_lens
         v["block_tables"][:bs, :ctx.block_tables.size(1)] = ctx.block_tables
-        self.graphs[graph_bs].replay()
+        graphs[graph_bs].replay()
         return v["outputs"][:bs]
 
 
