@@ -15,7 +15,7 @@ another fails:
    beside decode), then decode-only steps of 64 (the attention/FFN pipeline).
 3. part 1, the attention/FFN pipeline: decode step time, tok/s, at batch 64/128/256, each sequence with
    CONTEXT tokens of KV (distinct blocks), for Qwen3-0.6B and Qwen3-8B shapes: plain (off), the pipeline on
-   two ordinary streams (overlap without partitions), and with attention on 64/96/112 SMs.
+   two ordinary streams (overlap without partitions), and with attention on 32/64/96/112 SMs.
 4. part 2, prefill beside decode: one mixed step, 128 decodes (CONTEXT tokens each) + a 2048-token prompt
    chunk: decodes alone, prefill alone, sequential (today's mixed step), and side by side with the decodes on
    16..112 SMs; and which split the engine's rule picks for this step.
@@ -309,8 +309,8 @@ def part2(runner: RandomRunner, seqs: list[Sequence], prompt: Sequence, decode_s
     best = min(result["split_ms"], key=result["split_ms"].get)
     result.update(best_split=best, gain=result["sequential_ms"] / result["split_ms"][best] - 1,
                   rule_gain=result["sequential_ms"] / result["split_ms"][result["rule_picks"]] - 1)
-    log(f"part 2: sequential {result['sequential_ms']:.2f} ms, " + ", ".join(
-        f"decode {sms} SMs {ms:.2f}" for sms, ms in result["split_ms"].items()) + f"; rule picks {result['rule_picks']}")
+    splits = ", ".join(f"decode {sms} SMs {ms:.2f}" for sms, ms in result["split_ms"].items())
+    log(f"part 2: sequential {result['sequential_ms']:.2f} ms, {splits}; rule picks {result['rule_picks']}")
     del parts
     release()
     return result
@@ -420,7 +420,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="qwen3-0.6b,qwen3-8b")
     parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[64, 128, 256])
-    parser.add_argument("--attention-sms", type=lambda s: [int(x) for x in s.split(",")], default=[64, 96, 112])
+    parser.add_argument("--attention-sms", type=lambda s: [int(x) for x in s.split(",")], default=[32, 64, 96, 112])
     parser.add_argument("--decode-sms", type=lambda s: [int(x) for x in s.split(",")],
                         default=[16, 32, 48, 64, 80, 96, 112])
     parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement (0.6B)")

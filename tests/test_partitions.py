@@ -151,7 +151,8 @@ def test_bf16_tokens_with_partitions_are_within_near_ties_of_transformers():
     prompts = random_prompts(16, 20, 600, seed=0, vocab=10000)
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     ours, steps = generate(path, prompts, params, device="cuda:0", dtype="bfloat16", max_model_len=1024,
-                           max_num_batched_tokens=1024, chunked_prefill_tokens=512, sm_partitions=dict(PARTITIONS, pipeline_min_batch=8))
+                           max_num_batched_tokens=1024, chunked_prefill_tokens=512,
+                           sm_partitions=dict(PARTITIONS, pipeline_min_batch=8))
     assert steps.get("pipeline", 0) > 0 and steps.get("side_by_side", 0) > 0
     gaps = []
     for tokens, (ref_tokens, ref_logits) in zip(ours, hf_greedy_with_logits(path, prompts, MAX_TOKENS)):
