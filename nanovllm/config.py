@@ -7,6 +7,8 @@ from typing import get_args
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from nanovllm.engine.partitions import check_sm_partitions
+
 # Checkpoint architectures that models/decoder.py implements.
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
 REQUIRED_CONFIG_FIELDS = ("architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -36,6 +38,10 @@ class Config:
     decode_device_id: int | str | torch.device = 1
     pd_policy: str = "adaptive"  # "adaptive": both GPUs decode, placement follows load; "static": M1's strict split
     pd_fallback: str = "error"  # PD impossible as asked: "error", "single" (one device), "host" (KV via host memory)
+    # M2, CUDA green contexts (M2_SM_PARTITIONS.md): {"attention_sms": N} runs large decode batches as the
+    # attention/FFN pipeline, attention on N SMs and the dense layers on the rest; {"decode_sms": [N, ...]} runs
+    # a mixed step's decodes on N SMs (N chosen per step by load) beside its prompt chunk on the rest. None: off.
+    sm_partitions: dict | None = None
     hf_config: PretrainedConfig | None = field(default=None, repr=False)
     eos_token_ids: tuple[int, ...] = field(default=(), init=False)  # filled in by the engine from the checkpoint
     kv_via_host: bool = field(default=False, init=False)  # PD without peer access: stage KV copies in host memory
@@ -54,6 +60,8 @@ class Config:
                              f"({self.max_model_len}) when chunked_prefill_tokens is 0: a prompt is then "
                              f"prefilled in one step")
         self.dtype = self._resolve_dtype()
+        if self.sm_partitions is not None:
+            self.sm_partitions = check_sm_partitions(self)
 
     def _check_types(self):
         """Every field must be of its annotated type; a bool is not a number here, and an int is a float."""

@@ -8,6 +8,7 @@ import torch
 
 from nanovllm.config import Config
 from nanovllm.engine import tensor_parallel
+from nanovllm.engine.partitions import SMPartitions
 from nanovllm.engine.scheduler import Batch
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import select_backend
@@ -58,6 +59,7 @@ class ModelRunner:
         self.num_kv_heads = max(1, num_kv_heads // self.tp.size)  # this rank's
         self.head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         self.busy_seconds = 0.0  # device time spent in model steps (CUDA: measured with events)
+        self.partitions: SMPartitions | None = None  # M2: green-context SM partitions (Config.sm_partitions)
         with self.on_device(), torch.inference_mode(), tensor_parallel.reporting_failures(workers):
             self.model = self._build_model()
             self.backend = select_backend(self.device, self.block_size)
@@ -69,6 +71,8 @@ class ModelRunner:
             self.graphs = {}
             if self.is_cuda and not config.enforce_eager and role != "prefill":
                 self._capture_cudagraphs()
+            if config.sm_partitions and role != "prefill":
+                self.partitions = SMPartitions.from_config(self)
             self.copy_stream = torch.cuda.Stream(self.device) if self.is_cuda else None  # KV transfers
             self.last_sampled: torch.Tensor | None = None
         self.workers = workers
@@ -235,25 +239,36 @@ class ModelRunner:
         """Run one step's inputs; returns the tokens' handle on rank 0 (None on the other ranks)."""
         with self.on_device():
             timer = StepTimer(self)
-            hidden = []
-            if inputs.decode is not None:
-                input_ids, positions, ctx = self._decode_tensors(inputs)
-                if not self.graphs or input_ids.size(0) > max(self.graphs):
-                    hidden.append(self.model(input_ids, positions, ctx))
-                else:
-                    hidden.append(self._replay_graph(input_ids, positions, ctx))
-            if inputs.prefill is not None:
-                input_ids, positions, ctx = self._prefill_tensors(inputs.prefill)
-                last_tokens = self._tensor(inputs.prefill["last_tokens"], torch.int64)
-                hidden.append(self.model(input_ids, positions, ctx)[last_tokens])
-            hidden = hidden[0] if len(hidden) == 1 else torch.cat(hidden)
-            logits = self.model.compute_logits(hidden)  # gathered on rank 0
+            forward = self.forward if self.partitions is None else self.partitions.forward
+            logits = self.model.compute_logits(forward(inputs))  # gathered on rank 0
             if logits is not None:
                 token_ids = self.sampler(logits, params, inputs.sample_positions)
             else:
                 token_ids = torch.empty(len(inputs.sample_positions), dtype=torch.int64, device=self.device)
             self.last_sampled = self.tp.broadcast(token_ids)
             return PendingTokens(token_ids, timer, self.workers) if self.tp.rank == 0 else None
+
+    def forward(self, inputs: "StepInputs") -> torch.Tensor:
+        """Hidden states of the rows the step samples: its decodes, then the prompts it completes. A mixed step
+        runs the decodes, then the prompt chunks."""
+        hidden = []
+        if inputs.decode is not None:
+            hidden.append(self.forward_decodes(inputs))
+        if inputs.prefill is not None:
+            hidden.append(self.forward_prefills(inputs))
+        return hidden[0] if len(hidden) == 1 else torch.cat(hidden)
+
+    def forward_decodes(self, inputs: "StepInputs", graphs: dict | None = None) -> torch.Tensor:
+        """Through a CUDA graph (this runner's, or `graphs`) when the batch fits one."""
+        graphs = self.graphs if graphs is None else graphs
+        input_ids, positions, ctx = self._decode_tensors(inputs)
+        if not graphs or input_ids.size(0) > max(graphs):
+            return self.model(input_ids, positions, ctx)
+        return self.replay_graph(graphs, input_ids, positions, ctx)
+
+    def forward_prefills(self, inputs: "StepInputs") -> torch.Tensor:
+        input_ids, positions, ctx = self._prefill_tensors(inputs.prefill)
+        return self.model(input_ids, positions, ctx)[self._tensor(inputs.prefill["last_tokens"], torch.int64)]
 
     # ---- CUDA graphs for decode ----
 
@@ -273,26 +288,33 @@ class ModelRunner:
                 context_lens=torch.zeros(max_bs, dtype=torch.int32),
                 block_tables=torch.zeros(max_bs, max_blocks, dtype=torch.int32),
                 outputs=torch.zeros(max_bs, hidden_size, dtype=self.config.dtype))
-        pool = None
+        self.graph_pool = None  # shared by every decode graph of this runner (partitions' too)
         # torch.cuda.graph's default capture stream is created once per process, on whichever device
         # was current then: a second runner on another GPU must bring its own.
         stream = torch.cuda.Stream(self.device)
         start = time.perf_counter()
         for bs in reversed(sizes):
-            ctx = Context(is_prefill=False, slot_mapping=v["slot_mapping"][:bs], context_lens=v["context_lens"][:bs],
-                          block_tables=v["block_tables"][:bs])
-            v["outputs"][:bs] = self.model(v["input_ids"][:bs], v["positions"][:bs], ctx)  # warm-up
+            inputs = self.graph_inputs(bs)
+            v["outputs"][:bs] = self.model(*inputs)  # warm-up
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool, stream=stream):
-                v["outputs"][:bs] = self.model(v["input_ids"][:bs], v["positions"][:bs], ctx)
-            pool = pool or graph.pool()
+            with torch.cuda.graph(graph, self.graph_pool, stream=stream):
+                v["outputs"][:bs] = self.model(*inputs)
+            self.graph_pool = self.graph_pool or graph.pool()
             self.graphs[bs] = graph
         torch.cuda.synchronize(self.device)
         logger.info(f"captured {len(sizes)} decode CUDA graphs on {self.device} in {time.perf_counter() - start:.1f}s")
 
-    def _replay_graph(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Context) -> torch.Tensor:
+    def graph_inputs(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, Context]:
+        """The first `bs` rows of the graphs' static inputs, as a model's arguments."""
+        v = self.graph_vars
+        ctx = Context(is_prefill=False, slot_mapping=v["slot_mapping"][:bs], context_lens=v["context_lens"][:bs],
+                      block_tables=v["block_tables"][:bs])
+        return v["input_ids"][:bs], v["positions"][:bs], ctx
+
+    def replay_graph(self, graphs: dict, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Context) -> torch.Tensor:
+        """Run the smallest of `graphs` that fits the batch, on the current stream; rows past it are padding."""
         bs = input_ids.size(0)
-        graph_bs = min(size for size in self.graphs if size >= bs)
+        graph_bs = min(size for size in graphs if size >= bs)
         v = self.graph_vars
         v["input_ids"][:bs] = input_ids
         v["positions"][:bs] = positions
@@ -301,7 +323,7 @@ class ModelRunner:
         v["context_lens"].zero_()
         v["context_lens"][:bs] = ctx.context_lens
         v["block_tables"][:bs, :ctx.block_tables.size(1)] = ctx.block_tables
-        self.graphs[graph_bs].replay()
+        graphs[graph_bs].replay()
         return v["outputs"][:bs]
 
 

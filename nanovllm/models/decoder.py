@@ -42,6 +42,11 @@ class DecoderAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5)
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, ctx: Context) -> torch.Tensor:
+        o = self.attn(*self.project(rope, x), ctx)
+        return self.o_proj(o.flatten(1, -1))
+
+    def project(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor):
+        """q, k, v of the new tokens, q and k normalized (Qwen3) and rotated."""
         q, k, v = self.qkv_proj.split(self.qkv_proj(x))
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -50,8 +55,7 @@ class DecoderAttention(nn.Module):
             q, k = norm_and_rotate(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, *rope)
         else:
             q, k = apply_rotary(q, k, *rope)
-        o = self.attn(q, k, v, ctx)
-        return self.o_proj(o.flatten(1, -1))
+        return q, k, v
 
 
 class MLP(nn.Module):
@@ -116,6 +120,48 @@ class DecoderModel(nn.Module):
         for layer in self.layers:
             h, residual = layer(rope, h, residual, ctx)
         return self.norm(h, residual)[0]
+
+    def forward_interleaved(self, nanos: list[tuple[torch.Tensor, torch.Tensor, Context]], lanes) -> torch.Tensor:
+        """forward() of a decode batch cut into nano-batches, issued so that the attention of one can run beside
+        the dense layers (projections, MLP) of another: M2's attention/FFN pipeline (engine/partitions.py).
+
+        Each nano-batch alternates between `with lanes.dense(i):` and `with lanes.attention(i):` pieces, which
+        put the work on the dense or the attention partition after the nano-batch's previous piece; per layer,
+        every attention piece is issued before the dense pieces that follow it, so while nano-batch 1 is in
+        attention, nano-batch 0 is already in its MLP. Each row meets the same modules as in forward(), in the
+        same order. Returns the nano-batches' hidden states, concatenated in order, once `lanes` has joined.
+        """
+        crossing = []  # tensors made on one lane and read on the other: alive until the lanes join
+        states = []  # per nano-batch: [rope, residual, (q, k, v)]
+        for i, (input_ids, positions, _) in enumerate(nanos):
+            with lanes.dense(i):
+                h = self.embed_tokens(input_ids)
+                rope = self.rotary(positions)
+                qkv = self.layers[0].self_attn.project(rope, self.layers[0].input_layernorm(h))
+            states.append([rope, h, qkv])
+            crossing.append(qkv)
+        outputs = []
+        for n, layer in enumerate(self.layers):
+            attended = []
+            for i, (_, _, ctx) in enumerate(nanos):
+                with lanes.attention(i):
+                    attended.append(layer.self_attn.attn(*states[i][2], ctx))
+            crossing.extend(attended)
+            following = self.layers[n + 1] if n + 1 < len(self.layers) else None
+            for i, o in enumerate(attended):
+                rope, residual, _ = states[i]
+                with lanes.dense(i):
+                    h = layer.self_attn.o_proj(o.flatten(1, -1))
+                    x, residual = layer.post_attention_layernorm(h, residual)
+                    h = layer.mlp(x)
+                    if following is None:
+                        outputs.append(self.norm(h, residual)[0])
+                        continue
+                    x, residual = following.input_layernorm(h, residual)
+                    states[i] = [rope, residual, following.self_attn.project(rope, x)]
+                crossing.append(states[i][2])
+        lanes.join()
+        return torch.cat(outputs)
 
 
 class DecoderForCausalLM(nn.Module):
