@@ -185,16 +185,17 @@ def test_ranks_exit_with_the_users_process(qwen3_path, tmp_path, how):
         user.kill()
 
 
-def test_throughput_script_runs_tp_and_dp_on_a_tiny_model(tmp_path):
-    """tests/bench_tensor_parallel.py on the CPU, so that it cannot rot."""
+def test_bench_runs_tp_beside_one_device_on_a_tiny_model(tmp_path):
+    """bench.py's tp mode on the CPU (gloo, fp32), so that it cannot rot."""
     out = tmp_path / "results.json"
-    subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "bench_tensor_parallel.py"),
-                    "--random-model", "qwen3-tiny", "--cache-dir", str(tmp_path), "--device", "cpu", "--modes", "tp2,dp2",
-                    "--num-requests", "4", "--input-len", "8", "24", "--output-len", "4", "8", "--max-model-len", "128",
-                    "--json", str(out)], check=True, capture_output=True)
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench.py")
+    subprocess.run([sys.executable, bench, "--random-model", "qwen3-tiny", "--cache-dir", str(tmp_path), "--device",
+                    "cpu", "--modes", "single,tp", "--tp-size", "2", "--num-requests", "4", "--input-len", "8", "24",
+                    "--output-len", "4", "8", "--max-model-len", "128", "--json", str(out)], check=True,
+                   capture_output=True)
     results = {r["mode"]: r for r in json.loads(out.read_text())["results"]}
-    assert results["tp2"]["output_tokens"] == results["dp2"]["output_tokens"] > 0
-    assert results["tp2"]["output_tok_s"] > 0 and results["dp2"]["output_tok_s"] > 0
+    assert results["tp"]["output_tokens"] == results["single"]["output_tokens"] > 0
+    assert results["tp"]["output_tok_s"] > 0
 
 
 # ---- on GPUs: NCCL, CUDA graphs on every rank, bf16 ----
