@@ -187,7 +187,7 @@ class LLMEngine:
         """Launch the next step on every worker, then collect what is done. Some tokens arrive one step late."""
         with self._rollback_on_failure():
             launched = self._launch()
-            outputs, collected = self._collect(block=True)
+            outputs, collected = self._collect()
             if not launched and not collected and not self._in_flight():
                 self._check_not_stalled()
         outputs, self.undelivered = self.undelivered + outputs, []
@@ -206,9 +206,9 @@ class LLMEngine:
                 launched = True
         return launched
 
-    def _collect(self, block: bool) -> tuple[list[StepOutput], bool]:
-        """Commit every finished step and copy; with `block`, first wait until at least one is done."""
-        if block and not self._any_done():
+    def _collect(self) -> tuple[list[StepOutput], bool]:
+        """Wait until a step or copy in flight is done, then commit every one that is."""
+        if not self._any_done():
             self._wait_any()
         outputs, collected = [], False
         for transfer in [t for t in self.transfers if t[0].done()]:

@@ -99,12 +99,6 @@ class Scheduler:
     def is_finished(self) -> bool:
         return not self.waiting and not self.migrating and not any(self.prefilling) and not any(self.decoding)
 
-    def all_sequences(self) -> list[Sequence]:
-        seqs = list(self.waiting) + self.migrating
-        for queue in self.prefilling + self.decoding:
-            seqs.extend(queue)
-        return seqs
-
     def abort(self, seq: Sequence):
         """Drop a request wherever it is. A MIGRATING sequence keeps its blocks until its copy is retired."""
         if seq.status == SequenceStatus.WAITING:
