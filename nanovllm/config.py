@@ -87,7 +87,7 @@ class Config:
         block_size = self.kv_cache_block_size
         if block_size < 16 or block_size & (block_size - 1):
             raise ValueError(f"kv_cache_block_size must be a power of two >= 16, got {block_size}")
-        if not isinstance(self.chunked_prefill_tokens, int) or self.chunked_prefill_tokens < 0:
+        if self.chunked_prefill_tokens < 0:  # its type was checked with every field's (_check_types)
             raise ValueError(f"chunked_prefill_tokens must be an int >= 0, got {self.chunked_prefill_tokens!r}")
         if self.pd_policy not in ("adaptive", "static"):
             raise ValueError(f"pd_policy must be 'adaptive' or 'static', got {self.pd_policy!r}")
@@ -96,7 +96,7 @@ class Config:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         tp = self.tensor_parallel_size
-        if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+        if tp < 1:
             raise ValueError(f"tensor_parallel_size must be a positive int, got {tp!r}")
         if tp > 1 and self.enable_two_gpu_pd:
             raise ValueError("tensor_parallel_size > 1 cannot be combined with enable_two_gpu_pd")

@@ -365,16 +365,12 @@ class StepCost:
     cost model of the adaptive PD policy."""
 
     def __init__(self, hf, dtype: torch.dtype):
-        from nanovllm.engine.scheduler import MATMUL_PER_BYTE
+        from nanovllm.engine.scheduler import MATMUL_PER_BYTE, model_sizes  # scheduler imports config, which imports this
         self.matmul_per_byte = MATMUL_PER_BYTE
-        heads = hf.num_attention_heads
-        kv_heads = getattr(hf, "num_key_value_heads", None) or heads
-        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
-        self.params = hf.num_hidden_layers * (hf.hidden_size * (heads + kv_heads) * head_dim * 2
-                                              + 3 * hf.hidden_size * hf.intermediate_size)
+        self.params, self.kv_bytes_per_token = model_sizes(hf, dtype.itemsize)
         self.weight_bytes = self.params * dtype.itemsize
-        self.kv_bytes_per_token = 2 * hf.num_hidden_layers * kv_heads * head_dim * dtype.itemsize
-        self.attention_flops_per_pair = 4 * hf.num_hidden_layers * heads * head_dim  # per (query, key) pair
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        self.attention_flops_per_pair = 4 * hf.num_hidden_layers * hf.num_attention_heads * head_dim  # per (q, k) pair
 
     def decode(self, inputs) -> float:
         """Of a step's decodes (inputs: StepInputs; row 4 of `decode` holds the context lengths)."""

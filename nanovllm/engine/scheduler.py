@@ -435,12 +435,7 @@ class AdaptivePD(SingleDevice):
 
     def __init__(self, scheduler: Scheduler):
         super().__init__(scheduler)
-        hf = scheduler.config.hf_config
-        kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
-        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-        kv_bytes_per_token = 2 * hf.num_hidden_layers * kv_heads * head_dim * 2
-        params = hf.num_hidden_layers * (hf.hidden_size * (hf.num_attention_heads + kv_heads) * head_dim * 2
-                                         + 3 * hf.hidden_size * hf.intermediate_size)
+        params, kv_bytes_per_token = model_sizes(scheduler.config.hf_config, itemsize=2)  # costed as bf16 on a GPU
         self.prefill_token_cost = 2 * params / MATMUL_PER_BYTE / kv_bytes_per_token
         self.prefill_rate = 0.0  # prompt tokens worker 0 computes per engine step, moving average
         self._prefill_tokens = 0  # since the last engine step
@@ -510,6 +505,15 @@ class AdaptivePD(SingleDevice):
 
 
 MATMUL_PER_BYTE = 250  # flop/s over bytes/s: H100 ~295, H200 ~206
+
+
+def model_sizes(hf, itemsize: int) -> tuple[int, int]:
+    """(matmul parameters of the layers, KV bytes per token): what the cost models weigh work by."""
+    kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    params = hf.num_hidden_layers * (hf.hidden_size * (hf.num_attention_heads + kv_heads) * head_dim * 2
+                                     + 3 * hf.hidden_size * hf.intermediate_size)
+    return params, 2 * hf.num_hidden_layers * kv_heads * head_dim * itemsize
 MAX_MOVES_PER_STEP = 4
 REBALANCE_GAP = 0.1  # a gap under this share of the total load is left alone: moves cost a copy and a step
 
