@@ -23,6 +23,9 @@ from nanovllm import LLM, SamplingParams
 from nanovllm.utils.checkpoints import make_random_checkpoint
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+# A script in a temporary folder imports nanovllm from this checkout, installed or not.
+SCRIPT_ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
+    [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH", "")]))
 CPU = dict(device="cpu", dtype="float32", kv_cache_block_size=16, max_model_len=256, max_num_batched_tokens=512)
 
 
@@ -165,7 +168,7 @@ def test_ranks_exit_with_the_users_process(qwen3_path, tmp_path, how):
     script = tmp_path / "script.py"
     script.write_text(SCRIPT)
     user = subprocess.Popen([sys.executable, str(script), qwen3_path, how], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, env=SCRIPT_ENV)
     try:
         ranks = [int(pid) for pid in user.stdout.readline().split()]
         assert len(ranks) == 1, user.stderr.read()
@@ -290,7 +293,8 @@ def test_a_failing_rank_on_gpus_raises_instead_of_hanging(qwen3_06b, tmp_path):
     """In a subprocess: if NCCL could not be unblocked, the test would time out, not hang the test run."""
     script = tmp_path / "script.py"
     script.write_text(GPU_FAILURE_SCRIPT)
-    result = subprocess.run([sys.executable, str(script), qwen3_06b], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, str(script), qwen3_06b], capture_output=True, text=True, timeout=300,
+                            env=SCRIPT_ENV)
     assert "raised: tensor-parallel rank 1 failed:" in result.stdout, result.stderr[-3000:]
     assert result.returncode == 0, result.stderr[-3000:]
     assert wait_until_gone([int(pid) for pid in result.stdout.split("\n")[0].split()]) == []
