@@ -322,7 +322,9 @@ def _profile_steps(llm, first: int, count: int):
         outputs = step()
         if calls[0] == first + count - 1:
             profiler.stop()
-            print(profiler.key_averages().table(sort_by="device_time_total", row_limit=25), flush=True)
+            averages = profiler.key_averages()
+            print(averages.table(sort_by="device_time_total", row_limit=25), flush=True)
+            print(averages.table(sort_by="self_cpu_time_total", row_limit=25), flush=True)  # host-bound steps
         return outputs
 
     llm.step = profiled_step

@@ -1,6 +1,6 @@
 """Benchmark paged_decode_attention against HBM bandwidth (run by hand on a GPU).
 
-    python tests/bench_decode_kernel.py [--batch 256] [--ctx 1024] [--block-size 256] [--sweep]
+    python tests/bench_decode_kernel.py [--batch 1 8 32 256] [--ctx 512 1024 2048 4096] [--block-size 256] [--sweep]
     python tests/bench_decode_kernel.py --check-only --tiny     # CPU, Triton interpreter
 
 Shape: Qwen3-0.6B (16 q heads, 8 kv heads, head_dim 128), bf16, a 28-layer block-major cache
@@ -37,8 +37,8 @@ TINY = dict(q_heads=6, kv_heads=2, head_dim=32, layers=3)
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--ctx", type=int, default=1024)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 256])
+    p.add_argument("--ctx", type=int, nargs="+", default=[512, 1024, 2048, 4096], help="mean context lengths")
     p.add_argument("--block-size", type=int, default=256)
     p.add_argument("--check-only", action="store_true", help="correctness check, no timing")
     p.add_argument("--tiny", action="store_true", help="tiny model shape, block size 16")
@@ -118,15 +118,18 @@ def pool_size(shape, batch, ctx, block_size):
 
 
 def bench(args, shape, copy_bw):
-    batches = sorted({1, 16, 64, 256, args.batch})
-    blocks = pool_size(shape, max(batches), args.ctx, args.block_size)
-    print(f"\nd2d copy: {copy_bw / 1e9:.0f} GB/s   ctx ~{args.ctx}, block_size {args.block_size}")
+    for ctx in args.ctx:
+        bench_ctx(args, shape, copy_bw, sorted(set(args.batch)), ctx)
+
+
+def bench_ctx(args, shape, copy_bw, batches, ctx):
+    blocks = pool_size(shape, max(batches), ctx, args.block_size)
+    print(f"\nd2d copy: {copy_bw / 1e9:.0f} GB/s   ctx ~{ctx}, block_size {args.block_size}")
     print(f"{'batch':>6} {'splits':>6} {'KV MB':>8} {'us':>8} {'GB/s':>6} {'% copy':>6}   "
           f"{'graph us':>8} {'GB/s':>6} {'% copy':>6}")
     for batch in batches:
         torch.manual_seed(batch)
-        q, k, v, tables, lens = make_case(shape, batch, args.ctx, args.block_size,
-                                          torch.bfloat16, "cuda", blocks)
+        q, k, v, tables, lens = make_case(shape, batch, ctx, args.block_size, torch.bfloat16, "cuda", blocks)
         kv_bytes = int(lens.sum()) * shape["kv_heads"] * shape["head_dim"] * 2 * 2
         block_n = _default_block_n(args.block_size, shape["head_dim"])
         splits = _pick_num_splits(None, batch * shape["kv_heads"],

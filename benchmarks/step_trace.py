@@ -1,0 +1,121 @@
+"""Where one GPU's time goes on bench.py's offline workload: every step timed with CUDA events.
+
+    python benchmarks/step_trace.py --random-model qwen3-0.6b [--option chunked_prefill_tokens=0] [--json F]
+
+Takes bench.py's arguments (same requests, same engine options, single mode on cuda:0). For every step it
+records the decode batch, the KV bytes those decodes read, the prompt tokens, the step's GPU time (events
+around the launch, on the stream), the host time spent launching it, and the GPU's idle gap before it.
+Then it sums them up by kind: decode-only steps by batch size, with their bandwidth against the measured
+copy ceiling; steps with prompt tokens; idle gaps. A step whose host launch time is close to its GPU time
+is host-bound: the GPU waited inside it for kernels to be enqueued.
+"""
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bench  # noqa: E402
+
+BUCKETS = [(1, 8), (9, 32), (33, 64), (65, 128), (129, 256), (257, 1 << 30)]
+
+
+def trace_launches(runner, records: list):
+    """Wrap runner.launch: events before and after each step's work on the runner's stream."""
+    import torch
+    launch = runner.launch
+
+    def traced(batch):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        host_start = time.perf_counter()
+        start.record()
+        pending = launch(batch)
+        end.record()
+        records.append(dict(decodes=len(batch.decodes), kv_tokens=sum(end_ for _, end_, _ in batch.decodes),
+                            prompt_tokens=sum(e - s for _, s, e in batch.prefills),
+                            host_ms=(time.perf_counter() - host_start) * 1e3, events=(start, end)))
+        return pending
+
+    runner.launch = traced
+
+
+def per_step_bytes(hf) -> tuple[int, int]:
+    """(weight bytes read once per step, KV bytes read per token of context), bf16."""
+    heads = hf.num_attention_heads
+    kv_heads = getattr(hf, "num_key_value_heads", heads)
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
+    body = hf.num_hidden_layers * (hf.hidden_size * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hf.hidden_size
+                                   + 3 * hf.hidden_size * hf.intermediate_size)
+    return 2 * (body + hf.vocab_size * hf.hidden_size), 2 * 2 * hf.num_hidden_layers * kv_heads * head_dim
+
+
+def summarize(records: list, hf, copy_gb_s: float, wall_s: float) -> dict:
+    weight_bytes, kv_bytes = per_step_bytes(hf)
+    previous_end = None
+    for r in records:
+        start, end = r.pop("events")
+        r["gpu_ms"] = start.elapsed_time(end)
+        r["gap_ms"] = max(0.0, previous_end.elapsed_time(start)) if previous_end is not None else 0.0
+        previous_end = end
+        r["bytes"] = weight_bytes + r["kv_tokens"] * kv_bytes
+    rows = []
+    for lo, hi in BUCKETS:
+        steps = [r for r in records if not r["prompt_tokens"] and lo <= r["decodes"] <= hi]
+        if steps:
+            rows.append(_row(f"decode {lo}-{hi}" if hi < 1 << 30 else f"decode >{lo - 1}", steps, copy_gb_s))
+    for name, steps in [("mixed", [r for r in records if r["prompt_tokens"] and r["decodes"]]),
+                        ("prefill only", [r for r in records if r["prompt_tokens"] and not r["decodes"]])]:
+        if steps:
+            rows.append(_row(name, steps, copy_gb_s))
+    gpu_s = sum(r["gpu_ms"] for r in records) / 1e3
+    gaps_s = sum(r["gap_ms"] for r in records) / 1e3
+    return dict(wall_s=wall_s, steps=len(records), gpu_s=gpu_s, idle_gaps_s=gaps_s,
+                idle_gap_fraction=gaps_s / wall_s, rows=rows)
+
+
+def _row(name: str, steps: list, copy_gb_s: float) -> dict:
+    gpu_s = sum(r["gpu_ms"] for r in steps) / 1e3
+    moved = sum(r["bytes"] for r in steps)
+    host_bound = sum(r["host_ms"] > 0.8 * r["gpu_ms"] for r in steps)
+    return dict(kind=name, steps=len(steps), gpu_s=gpu_s, mean_gpu_ms=gpu_s * 1e3 / len(steps),
+                mean_host_ms=sum(r["host_ms"] for r in steps) / len(steps), host_bound_steps=host_bound,
+                gb_s=moved / gpu_s / 1e9, of_copy=moved / gpu_s / 1e9 / copy_gb_s,
+                prompt_tokens=sum(r["prompt_tokens"] for r in steps), gaps_s=sum(r["gap_ms"] for r in steps) / 1e3)
+
+
+def main():
+    args = bench.parse_args()
+    import torch
+    from transformers import AutoConfig
+    from nanovllm import LLM, SamplingParams
+    setup = bench.probe(args)  # makes the random checkpoint; measures the ceilings and the roofline
+    args.model = setup["model"]
+    hf = AutoConfig.from_pretrained(args.model)
+    requests = bench.timed_runs(args)[0]
+    llm = LLM(args.model, **bench.engine_options("single", 0, args))
+    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4), use_tqdm=False)
+    records = []
+    trace_launches(llm.runners[0], records)
+    torch.cuda.synchronize()
+    _, wall_s = bench.drive(llm, requests, args.timeout)
+    torch.cuda.synchronize()
+    summary = summarize(records, hf, setup["ceilings"]["copy_gb_s"], wall_s)
+    summary.update(options=args.option, ceilings=setup["ceilings"], roofline=setup["roofline"],
+                   gpu=torch.cuda.get_device_name(0), output_tok_s=setup["roofline"]["output_tokens"] / wall_s)
+    print(f"{summary['gpu']} options {args.option}: {summary['output_tok_s']:.0f} output tok/s, "
+          f"{summary['output_tok_s'] / setup['roofline']['bound_output_tok_s']:.1%} of bound; wall {wall_s:.2f} s, "
+          f"{len(records)} steps, GPU in steps {summary['gpu_s']:.2f} s, idle gaps {summary['idle_gaps_s']:.2f} s "
+          f"({summary['idle_gap_fraction']:.1%})")
+    print(f"{'kind':<16}{'steps':>6}{'GPU s':>8}{'ms/step':>9}{'host ms':>9}{'host-bound':>11}{'GB/s':>8}"
+          f"{'of copy':>8}{'prompt tok':>11}{'gaps s':>8}")
+    for r in summary["rows"]:
+        print(f"{r['kind']:<16}{r['steps']:>6}{r['gpu_s']:>8.2f}{r['mean_gpu_ms']:>9.2f}{r['mean_host_ms']:>9.2f}"
+              f"{r['host_bound_steps']:>11}{r['gb_s']:>8.0f}{r['of_copy']:>8.1%}{r['prompt_tokens']:>11}"
+              f"{r['gaps_s']:>8.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(summary=summary, steps=records), f)
+
+
+if __name__ == "__main__":
+    main()
