@@ -32,7 +32,7 @@ class Config:
     tensor_parallel_size: int = 1  # > 1: one process per rank, rank r on GPU device+r (all on the CPU: gloo)
     device: int | str | torch.device | None = None  # "cuda", "cuda:N", "cpu" or a GPU index; default cuda if any
     dtype: str | torch.dtype | None = None  # default bfloat16 on CUDA, float32 on CPU
-    chunked_prefill_tokens: int = 2048  # prompt tokens a step may prefill beside decodes; 0: prefill steps run alone
+    chunked_prefill_tokens: int = 8192  # a step's tokens (decodes + prompt chunks) while decodes run; 0: prefill steps run alone
     enable_two_gpu_pd: bool = False
     prefill_device_id: int | str | torch.device = 0
     decode_device_id: int | str | torch.device = 1

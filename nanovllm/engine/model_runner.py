@@ -22,6 +22,7 @@ from nanovllm.utils.loader import load_model
 logger = logging.getLogger("nanovllm")
 CPU_KV_CACHE_BYTES = 1 << 30  # default KV budget on CPU, where free memory says little
 _GREEDY = SamplingParams(temperature=0, max_tokens=1)
+_SAMPLED = SamplingParams(temperature=1.0, max_tokens=1)
 
 
 class ModelRunner:
@@ -108,18 +109,24 @@ class ModelRunner:
         return model.eval()
 
     def _warmup(self):
-        """Run the largest batch this runner will see, so that peak activation memory is known."""
+        """Run the largest batch this runner will see, so that peak activation memory is known. Greedy and
+        sampled rows, then a batch of one: what torch.compile specializes (a size of 1, each sampling path)
+        compiles here, not in a user's first steps (measured: up to 1.5 s in the first step on an H200)."""
         if not self.is_cuda:
             return
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        c = self.config
+        c, params = self.config, [_GREEDY, _SAMPLED]
         if self.role == "decode":
-            seqs = [Sequence([0], _GREEDY, self.block_size) for _ in range(c.max_num_seqs)]
+            seqs = [Sequence([0], params[i % 2], self.block_size) for i in range(c.max_num_seqs)]
         else:
-            num_seqs = max(1, min(c.max_num_batched_tokens // c.max_model_len, c.max_num_seqs))
-            seqs = [Sequence([0] * c.max_model_len, _GREEDY, self.block_size) for _ in range(num_seqs)]
+            num_seqs = max(2, min(c.max_num_batched_tokens // c.max_model_len, c.max_num_seqs))
+            length = min(c.max_model_len, c.max_num_batched_tokens // num_seqs)
+            seqs = [Sequence([0] * length, params[i % 2], self.block_size) for i in range(num_seqs)]
         self.run(Batch(0, prefills=[(seq, 0, len(seq)) for seq in seqs], sampled=seqs))
+        for p in params:
+            seq = Sequence([0], p, self.block_size)
+            self.run(Batch(0, prefills=[(seq, 0, 1)], sampled=[seq]))
         torch.cuda.empty_cache()
 
     def _allocate_kv_cache(self, num_blocks: int):
@@ -223,13 +230,17 @@ class ModelRunner:
                       block_tables=self._tensor(inputs.decode_tables, torch.int32))
         return input_ids, positions, ctx
 
+    def _rows(self, slots: np.ndarray) -> np.ndarray:
+        """[2, n]: block ids and offsets of the slots (computed here once, not in every layer)."""
+        return np.stack([slots // self.block_size, slots % self.block_size])
+
     def _prefill_tensors(self, p: dict) -> tuple[torch.Tensor, torch.Tensor, Context]:
         has_context = p["context_slots"] is not None
         ctx = Context(is_prefill=True, slot_mapping=self._tensor(p["slot_mapping"], torch.int32),
                       cu_seqlens_q=self._tensor(p["cu_seqlens_q"], torch.int32),
                       cu_seqlens_k=self._tensor(p["cu_seqlens_k"], torch.int32),
                       max_seqlen_q=p["max_seqlen_q"], max_seqlen_k=p["max_seqlen_k"],
-                      prefix_slots=self._tensor(p["context_slots"], torch.int64) if has_context else None,
+                      prefix_rows=tuple(self._tensor(self._rows(p["context_slots"]), torch.int64)) if has_context else None,
                       block_tables=self._tensor(p["block_tables"], torch.int32) if has_context else None)
         return self._tensor(p["input_ids"], torch.int64), self._tensor(p["positions"], torch.int64), ctx
 

@@ -171,7 +171,7 @@ class Scheduler:
             return
         if batch.decodes and not self.chunk_tokens:
             return  # chunking off: a prefill step runs alone (see _schedule_decodes)
-        budget = self.chunk_tokens if batch.decodes else self.max_num_batched_tokens
+        budget = min(self.chunk_tokens, self.max_num_batched_tokens) if batch.decodes else self.max_num_batched_tokens
         budget -= len(batch.decodes)
         num_seqs = len(batch.decodes)
         for seq in self.prefilling[w]:  # prompts already started: their next chunk

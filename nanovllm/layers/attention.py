@@ -51,8 +51,8 @@ class Attention(nn.Module):
         if ctx.is_prefill:
             if self.backend == "flash":
                 return self._flash_prefill(q, k, v, ctx)
-            if ctx.prefix_slots is not None:  # part of the context comes from the prefix cache
-                k, v = gather_slots(self.k_cache, ctx.prefix_slots), gather_slots(self.v_cache, ctx.prefix_slots)
+            if ctx.prefix_rows is not None:  # part of the context comes from the cache
+                k, v = self.k_cache[ctx.prefix_rows], self.v_cache[ctx.prefix_rows]
             if self.backend == "torch" or q.dtype == torch.float32:  # flash kernels have no fp32
                 return prefill_attention_torch(q, k, v, ctx, self.scale)
             return _varlen_attn(q, k, v, ctx.cu_seqlens_q, ctx.cu_seqlens_k, ctx.max_seqlen_q,
@@ -70,7 +70,7 @@ class Attention(nn.Module):
     def _flash_prefill(self, q, k, v, ctx: Context):
         from flash_attn import flash_attn_varlen_func
         block_table = None
-        if ctx.prefix_slots is not None:
+        if ctx.prefix_rows is not None:
             k, v, block_table = self.k_cache, self.v_cache, ctx.block_tables
         return flash_attn_varlen_func(q, k, v, ctx.cu_seqlens_q, ctx.cu_seqlens_k, ctx.max_seqlen_q,
                                       ctx.max_seqlen_k, softmax_scale=self.scale, causal=True,

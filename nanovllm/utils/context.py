@@ -22,7 +22,9 @@ class Context:
     cu_seqlens_k: torch.Tensor | None = None
     max_seqlen_q: int = 0
     max_seqlen_k: int = 0
-    prefix_slots: torch.Tensor | None = None  # [sum of context lens] int64: set when a prefix came from the cache
+    # Set when some context comes from the cache (a prefix hit, or earlier chunks of the prompt): every context
+    # token's cache row, as (block ids, offsets in block), each [sum of context lens] int64.
+    prefix_rows: tuple[torch.Tensor, torch.Tensor] | None = None
     # decode (prefill too, for the CPU path)
     context_lens: torch.Tensor | None = None  # [num_seqs] int32
     block_tables: torch.Tensor | None = None  # [num_seqs, max_blocks] int32
