@@ -225,7 +225,7 @@ def gpu_prompts():
 def generate_on_gpus(path, prompts, **options) -> list[list[int]]:
     """Greedy tokens from a fresh engine, closed and freed afterwards (the next one sizes its KV cache from
     free memory)."""
-    llm = LLM(path, max_model_len=1024, **options)
+    llm = LLM(path, max_model_len=1024, max_num_seqs=64, max_num_batched_tokens=4096, **options)  # starts sooner
     outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True),
                            use_tqdm=False)
     llm.close()
@@ -277,7 +277,7 @@ GPU_FAILURE_SCRIPT = textwrap.dedent("""
     from nanovllm import LLM, SamplingParams
 
     if __name__ == "__main__":
-        llm = LLM(sys.argv[1], tensor_parallel_size=2, max_model_len=1024)
+        llm = LLM(sys.argv[1], tensor_parallel_size=2, max_model_len=1024, max_num_seqs=64, max_num_batched_tokens=4096)
         print(*[p.pid for p in llm.model_runner.workers.processes], flush=True)
         llm.generate([[1, 2, 3]] * 4, SamplingParams(max_tokens=8), use_tqdm=False)  # decode in CUDA graphs
         llm.model_runner.workers.call("execute", "not a step's inputs")
