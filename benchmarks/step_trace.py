@@ -2,7 +2,8 @@
 
     python benchmarks/step_trace.py --random-model qwen3-0.6b [--option chunked_prefill_tokens=0] [--json F]
 
-Takes bench.py's arguments (same requests, same engine options, single mode on cuda:0). For every step it
+Takes bench.py's arguments (same requests, same engine options, single mode on cuda:0; with --device cpu, a
+smoke run on the CPU, timed by the wall clock). For every step it
 records the decode batch, the KV bytes those decodes read, the prompt tokens, the step's GPU time (events
 around the launch, on the stream), the host time spent launching it, and the GPU's idle gap before it.
 Then it sums them up by kind: decode-only steps by batch size, with their bandwidth against the measured
@@ -20,13 +21,32 @@ import bench  # noqa: E402
 BUCKETS = [(1, 8), (9, 32), (33, 64), (65, 128), (129, 256), (257, 1 << 30)]
 
 
+class Stamp:
+    """A point in a step: a CUDA event on the runner's stream, or on the CPU (where a launch runs the whole
+    step) the wall clock. elapsed_time in ms, like torch.cuda.Event's."""
+
+    def __init__(self, cuda: bool):
+        import torch
+        self.event = torch.cuda.Event(enable_timing=True) if cuda else None
+
+    def record(self):
+        if self.event is not None:
+            self.event.record()
+        else:
+            self.time = time.perf_counter()
+
+    def elapsed_time(self, end: "Stamp") -> float:
+        if self.event is not None:
+            return self.event.elapsed_time(end.event)
+        return (end.time - self.time) * 1e3
+
+
 def trace_launches(runner, records: list):
-    """Wrap runner.launch: events before and after each step's work on the runner's stream."""
-    import torch
+    """Wrap runner.launch: stamps before and after each step's work on the runner's stream."""
     launch = runner.launch
 
     def traced(batch):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start, end = Stamp(runner.is_cuda), Stamp(runner.is_cuda)
         host_start = time.perf_counter()
         start.record()
         pending = launch(batch)
@@ -95,13 +115,15 @@ def main():
     llm = LLM(args.model, **bench.engine_options("single", 0, args))
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4), use_tqdm=False)
     records = []
-    trace_launches(llm.runners[0], records)
-    torch.cuda.synchronize()
+    runner = llm.runners[0]
+    trace_launches(runner, records)
+    bench._synchronize([str(runner.device)])
     _, wall_s = bench.drive(llm, requests, args.timeout)
-    torch.cuda.synchronize()
+    bench._synchronize([str(runner.device)])
     summary = summarize(records, hf, setup["ceilings"]["copy_gb_s"], wall_s)
     summary.update(options=args.option, ceilings=setup["ceilings"], roofline=setup["roofline"],
-                   gpu=torch.cuda.get_device_name(0), output_tok_s=setup["roofline"]["output_tokens"] / wall_s)
+                   gpu=torch.cuda.get_device_name(runner.device) if runner.is_cuda else "cpu",
+                   output_tok_s=setup["roofline"]["output_tokens"] / wall_s)
     print(f"{summary['gpu']} options {args.option}: {summary['output_tok_s']:.0f} output tok/s, "
           f"{summary['output_tok_s'] / setup['roofline']['bound_output_tok_s']:.1%} of bound; wall {wall_s:.2f} s, "
           f"{len(records)} steps, GPU in steps {summary['gpu_s']:.2f} s, idle gaps {summary['idle_gaps_s']:.2f} s "

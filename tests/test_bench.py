@@ -53,6 +53,22 @@ def test_offline_runs_every_mode_on_the_same_requests(qwen3_path, tmp_path):
     assert report["machine"]["torch"] and report["machine"]["gpus"] == gpus  # what the machine has, used or not
 
 
+def test_step_trace_accounts_for_every_step(qwen3_path, tmp_path):
+    """benchmarks/step_trace.py, on the CPU: every step recorded once, and summed into its table."""
+    out = tmp_path / "trace.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_trace.py"), "--model", qwen3_path,
+                          "--device", "cpu", "--num-requests", "4", "--input-len", "8", "24", "--output-len", "4", "8",
+                          "--max-model-len", "128", "--json", str(out)],
+                         capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 0, run.stderr[-4000:]
+    trace = json.loads(out.read_text())
+    steps, summary = trace["steps"], trace["summary"]
+    assert sum(row["steps"] for row in summary["rows"]) == len(steps) == summary["steps"] > 0
+    # Each request's first token comes from its prompt's step, every later one from a decode.
+    assert sum(step["decodes"] for step in steps) == summary["roofline"]["output_tokens"] - 4
+    assert all(step["gpu_ms"] > 0 for step in steps)
+
+
 def test_online_measures_latency_of_every_request(qwen3_path, tmp_path):
     out = tmp_path / "online.json"
     run = run_bench(qwen3_path, out, "--modes", "single,dp", "--online", "50", "--num-requests", "6")
