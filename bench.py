@@ -85,7 +85,7 @@ def parse_args(argv=None):
                    help="an engine option (Config field) for the nanovllm modes, e.g. pd_policy=static; repeatable")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--profile", type=int, default=0, metavar="STEP",
-                   help="profile 10 engine steps from this one and print the top kernels (slows that run)")
+                   help="profile 10 engine steps from this one; print the top ops by GPU and by host time (slows that run)")
     args = p.parse_args(argv)
     for name in ("input_len", "output_len"):
         low, high = getattr(args, name)
