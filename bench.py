@@ -428,20 +428,23 @@ def _time(fn, device, repeat=10) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def step_bytes(hf_config) -> tuple[int, int]:
+    """(weight bytes a decode step reads: every layer's matmuls and the LM head; KV bytes per token), in bf16."""
+    from nanovllm.engine.scheduler import model_sizes
+    params, kv_bytes_per_token = model_sizes(hf_config, itemsize=2)
+    return 2 * (params + hf_config.vocab_size * hf_config.hidden_size), kv_bytes_per_token
+
+
 def roofline(args, hf_config, ceilings: dict) -> dict:
     """Least bytes decode must read and least FLOPs prefill must do, over the whole offline workload."""
+    from nanovllm.engine.scheduler import model_sizes
     requests = timed_runs(args)[0]
     prompts, output_lens = [r.prompt for r in requests], [r.output_len for r in requests]
-    layers, hidden = hf_config.num_hidden_layers, hf_config.hidden_size
+    layers, hidden, vocab = hf_config.num_hidden_layers, hf_config.hidden_size, hf_config.vocab_size
     heads = hf_config.num_attention_heads
-    kv_heads = getattr(hf_config, "num_key_value_heads", heads)
     head_dim = getattr(hf_config, "head_dim", None) or hidden // heads
-    itemsize = 2  # bf16
-    kv_bytes_per_token = 2 * layers * kv_heads * head_dim * itemsize
-    vocab = hf_config.vocab_size
-    body = layers * (hidden * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden
-                     + 3 * hidden * hf_config.intermediate_size)  # matmul weights per layer
-    step_weight_bytes = (body + vocab * hidden) * itemsize  # all layers and the LM head, read once a step
+    body = model_sizes(hf_config, itemsize=2)[0]  # every layer's matmul weights
+    step_weight_bytes, kv_bytes_per_token = step_bytes(hf_config)
     decode_steps = max(output_lens) - 1  # the first token comes from prefill; one step per later token
     # Decode step j (j = 2..n) of a request with prompt length P attends over P + j - 1 tokens.
     kv_reads = sum((n - 1) * len(p) + (n - 1) * n // 2 for p, n in zip(prompts, output_lens))

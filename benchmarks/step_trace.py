@@ -59,18 +59,8 @@ def trace_launches(runner, records: list):
     runner.launch = traced
 
 
-def per_step_bytes(hf) -> tuple[int, int]:
-    """(weight bytes read once per step, KV bytes read per token of context), bf16."""
-    heads = hf.num_attention_heads
-    kv_heads = getattr(hf, "num_key_value_heads", heads)
-    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
-    body = hf.num_hidden_layers * (hf.hidden_size * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hf.hidden_size
-                                   + 3 * hf.hidden_size * hf.intermediate_size)
-    return 2 * (body + hf.vocab_size * hf.hidden_size), 2 * 2 * hf.num_hidden_layers * kv_heads * head_dim
-
-
 def summarize(records: list, hf, copy_gb_s: float, wall_s: float) -> dict:
-    weight_bytes, kv_bytes = per_step_bytes(hf)
+    weight_bytes, kv_bytes = bench.step_bytes(hf)
     previous_end = None
     for r in records:
         start, end = r.pop("events")

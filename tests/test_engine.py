@@ -56,7 +56,7 @@ def test_padded_prompt_tokens_change_no_token(qwen3_path):
     def recorded(batch):
         inputs = host_inputs(batch)
         if inputs.prefill is not None:
-            steps.append((len(inputs.prefill["input_ids"]), inputs.prefill["context_slots"] is not None))
+            steps.append((len(inputs.prefill["input_ids"]), inputs.prefill["context_rows"] is not None))
         return inputs
 
     runner.host_inputs = recorded

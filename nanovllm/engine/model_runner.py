@@ -181,7 +181,7 @@ class ModelRunner:
 
     def _prefill_arrays(self, chunks: list[tuple[Sequence, int, int]], sampling: list[int]) -> dict:
         """Tokens [start, end) of each sequence, over its context [0, end)."""
-        input_ids, positions, slot_mapping, context_slots = [], [], [], []
+        input_ids, positions, slot_mapping, context_rows = [], [], [], []
         cu_seqlens_q, cu_seqlens_k = [0], [0]
         has_context = any(start for _, start, _ in chunks)
         for seq, start, end in chunks:
@@ -193,7 +193,7 @@ class ModelRunner:
                 continue
             slot_mapping.append(self._slots(seq, start, end))
             if has_context:
-                context_slots.append(self._slots(seq, 0, end))
+                context_rows.append(self._rows(seq, 0, end))
         pad = -len(input_ids) % self.prefill_token_multiple
         if pad:  # a pseudo-sequence of `pad` tokens that attends only to itself; nothing reads its rows
             input_ids.extend([0] * pad)
@@ -203,18 +203,23 @@ class ModelRunner:
             if slot_mapping:
                 slot_mapping.append(np.full(pad, -1))  # -1: not stored
             if has_context:  # its "context" is whatever slot 0 holds, read only by the padding rows
-                context_slots.append(np.zeros(pad, dtype=np.int64))
+                context_rows.append(np.zeros((2, pad), dtype=np.int64))
         return dict(input_ids=np.asarray(input_ids, dtype=np.int64), positions=_concat(positions),
                     slot_mapping=_concat(slot_mapping), cu_seqlens_q=np.asarray(cu_seqlens_q),
                     cu_seqlens_k=np.asarray(cu_seqlens_k), max_seqlen_q=max(pad, max(end - start for _, start, end in chunks)),
                     max_seqlen_k=max(pad, max(end for _, _, end in chunks)), last_tokens=np.asarray(cu_seqlens_q)[1:][sampling] - 1,
-                    context_slots=_concat(context_slots) if has_context else None,
+                    context_rows=np.concatenate(context_rows, axis=1) if has_context else None,
                     block_tables=_block_tables([seq for seq, _, _ in chunks], pad_rows=pad > 0) if has_context else None)
+
+    def _rows(self, seq: Sequence, start: int, end: int) -> np.ndarray:
+        """[2, end - start]: the cache block and the offset in it of tokens [start, end) of `seq`."""
+        positions = np.arange(start, end)
+        return np.stack([np.asarray(seq.block_table)[positions // self.block_size], positions % self.block_size])
 
     def _slots(self, seq: Sequence, start: int, end: int) -> np.ndarray:
         """Cache slots of tokens [start, end) of `seq`."""
-        positions = np.arange(start, end)
-        return np.asarray(seq.block_table)[positions // self.block_size] * self.block_size + positions % self.block_size
+        blocks, offsets = self._rows(seq, start, end)
+        return blocks * self.block_size + offsets
 
     # ---- inputs (device side) ----
 
@@ -230,17 +235,13 @@ class ModelRunner:
                       block_tables=self._tensor(inputs.decode_tables, torch.int32))
         return input_ids, positions, ctx
 
-    def _rows(self, slots: np.ndarray) -> np.ndarray:
-        """[2, n]: block ids and offsets of the slots (computed here once, not in every layer)."""
-        return np.stack([slots // self.block_size, slots % self.block_size])
-
     def _prefill_tensors(self, p: dict) -> tuple[torch.Tensor, torch.Tensor, Context]:
-        has_context = p["context_slots"] is not None
+        has_context = p["context_rows"] is not None
         ctx = Context(is_prefill=True, slot_mapping=self._tensor(p["slot_mapping"], torch.int32),
                       cu_seqlens_q=self._tensor(p["cu_seqlens_q"], torch.int32),
                       cu_seqlens_k=self._tensor(p["cu_seqlens_k"], torch.int32),
                       max_seqlen_q=p["max_seqlen_q"], max_seqlen_k=p["max_seqlen_k"],
-                      prefix_rows=tuple(self._tensor(self._rows(p["context_slots"]), torch.int64)) if has_context else None,
+                      prefix_rows=tuple(self._tensor(p["context_rows"], torch.int64)) if has_context else None,
                       block_tables=self._tensor(p["block_tables"], torch.int32) if has_context else None)
         return self._tensor(p["input_ids"], torch.int64), self._tensor(p["positions"], torch.int64), ctx
 
