@@ -40,10 +40,6 @@ class BlockManager:
     def num_free_blocks(self) -> int:
         return len(self.free_block_ids)
 
-    @property
-    def num_used_blocks(self) -> int:
-        return len(self.used_block_ids)
-
     @staticmethod
     def compute_hash(token_ids: list[int], prefix: int = -1) -> int:
         h = xxhash.xxh64()
@@ -71,9 +67,6 @@ class BlockManager:
     def _cached_block(self, h: int) -> int:
         block_id = self.hash_to_block_id.get(h, -1)
         return block_id if block_id != -1 and self.blocks[block_id].hash == h else -1
-
-    def can_allocate(self, seq: Sequence) -> bool:
-        return self.num_free_blocks >= seq.num_blocks
 
     def allocate(self, seq: Sequence):
         """Give `seq` blocks for all its tokens, reusing cached full blocks of its prefix."""
