@@ -325,6 +325,14 @@ def section(results: dict, name: str, fn, *args):
     except Exception as e:  # noqa: BLE001 - one section failing must not hide the others
         traceback.print_exc()
         results[name] = dict(error=f"{type(e).__name__}: {e}")
+    save(results)  # after every section: a run stopped by a time limit keeps what it measured
+
+
+def save(results: dict):
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "m2_green_contexts.json"), "w") as f:
+            json.dump(results, f, indent=1, default=str)
 
 
 def model_sections(results: dict, preset: str, args):
@@ -438,11 +446,8 @@ def main():
     for preset in args.models.split(","):
         model_sections(results, preset, args)
     results["seconds"] = time.perf_counter() - START
+    save(results)
     print_table(results)
-    out = os.environ.get("OUT")
-    if out:
-        with open(os.path.join(out, "m2_green_contexts.json"), "w") as f:
-            json.dump(results, f, indent=1, default=str)
     failed = [name for name, r in results.items() if isinstance(r, dict) and "error" in r]
     sys.exit(1 if failed else 0)
 
