@@ -80,6 +80,8 @@ class ModelRunner:
                 self.partitions = SMPartitions.from_config(self)
             self.copy_stream = torch.cuda.Stream(self.device) if self.is_cuda else None  # KV transfers
             self.last_sampled: torch.Tensor | None = None
+        if workers:
+            workers.graphs += [self.graphs] + (self.partitions.graph_sets() if self.partitions else [])
         self.workers = workers
         logger.info(f"{role} runner on {self.device}: {config.dtype}, attention backend {self.backend}, "
                     f"{self.num_kv_blocks} KV blocks ({self.kv_capacity_tokens} tokens, "

@@ -338,6 +338,10 @@ class SMPartitions:
 
     # ---- CUDA graphs ----
 
+    def graph_sets(self) -> list[dict[int, torch.cuda.CUDAGraph]]:
+        return [self.pipeline_graphs, *self.split_graphs]
+
+    @torch.inference_mode()  # as the runner's own capture; a caller outside it would capture autograd state
     def _capture(self):
         r, v = self.runner, self.runner.graph_vars
         sizes = sorted(r.graphs)

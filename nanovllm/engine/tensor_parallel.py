@@ -11,7 +11,8 @@ Shutdown: the other ranks never outlive the user's process, and none is left han
 - They ignore SIGINT (Ctrl-C reaches the whole process group; rank 0 decides) and exit when the user's
   process goes away: their command pipe closes, or, if they are stuck in a collective, their parent changes.
 - `Workers.close()` (LLM.close(), at exit, or when the engine is garbage-collected) tells them to stop and
-  kills those that do not.
+  kills those that do not, then frees rank 0's CUDA graphs and aborts its communicator (on two H200s, aborting a
+  communicator while graphs that captured its collectives were alive never returned).
 - A rank that fails sends its traceback and exits. A watcher thread in the user's process records it and
   aborts NCCL, so that rank 0 stops waiting for it in a collective; `reporting_failures` then raises an
   error carrying that traceback. When rank 0 fails in a step, the others (now waiting for it) are stopped.
@@ -36,6 +37,7 @@ from nanovllm.layers.linear import TensorParallelGroup
 
 STOP_TIMEOUT_S = 10  # for the ranks to exit after close(), before they are killed
 REPORT_WAIT_S = 2  # when rank 0 fails, how long to wait for the failure of another rank that may explain it
+ABORT_TIMEOUT_S = 10  # an NCCL abort that does not return by then is left behind: it must not hang the user
 
 
 def connect(rank: int, size: int, device: torch.device, store: dist.Store) -> TensorParallelGroup:
@@ -60,8 +62,10 @@ class Workers:
         self.failed = threading.Event()
         self.stopping = threading.Event()
         self.aborts = []  # rank 0's NCCL abort, once connected: unblocks it when another rank is gone
+        self.graphs: list[dict] = []  # rank 0's CUDA graphs (dicts of them), freed before its communicator is aborted
         # Stops the ranks on close(), at exit, or when this object is collected, whichever comes first.
-        self._finalizer = weakref.finalize(self, _stop, self.processes, self.commands, self.stopping, self.aborts)
+        self._finalizer = weakref.finalize(self, _stop, self.processes, self.commands, self.stopping, self.aborts,
+                                           self.graphs)
         spawn = mp.get_context("spawn")
         try:
             for rank in range(1, size):
@@ -165,7 +169,7 @@ def _watch(processes, reports, failures, failed, stopping, aborts):
             _abort_once(aborts)
 
 
-def _stop(processes, commands, stopping, aborts):
+def _stop(processes, commands, stopping, aborts, graphs):
     stopping.set()
     for conn in commands:
         with contextlib.suppress(OSError):
@@ -178,12 +182,23 @@ def _stop(processes, commands, stopping, aborts):
         if process.is_alive():
             process.kill()
             process.join()
+    for captured in graphs:  # before the abort, which waits for graphs that captured the communicator's collectives
+        captured.clear()
     _abort_once(aborts)  # rank 0's NCCL communicator: its peers are gone
 
 
 def _abort_once(aborts: list):
-    with contextlib.suppress(IndexError):  # the watcher may have been first
-        aborts.pop()()
+    """Abort rank 0's communicator, once (the watcher may have been first), waiting ABORT_TIMEOUT_S at most."""
+    try:
+        abort = aborts.pop()
+    except IndexError:
+        return
+    thread = threading.Thread(target=abort, name="nanovllm-tp-abort", daemon=True)
+    thread.start()
+    thread.join(ABORT_TIMEOUT_S)
+    if thread.is_alive():
+        logging.getLogger("nanovllm").warning(f"rank 0's NCCL communicator did not abort within {ABORT_TIMEOUT_S} s;"
+                                              " left behind")
 
 
 # ---- the other ranks' side ----
