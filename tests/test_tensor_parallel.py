@@ -13,13 +13,16 @@ import subprocess
 import sys
 import shutil
 import textwrap
+import threading
 import time
+import types
 
 import pytest
 import torch
 
 from conftest import hf_greedy, random_prompts
 from nanovllm import LLM, SamplingParams
+from nanovllm.engine.model_runner import PendingTokens, StepTimer
 from nanovllm.utils.checkpoints import make_random_checkpoint
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
@@ -144,9 +147,40 @@ def test_a_failure_in_rank_0_stops_the_others(qwen3_path, monkeypatch):
     assert wait_until_gone([p.pid for p in llm.model_runner.workers.processes]) == []
 
 
+def test_waiting_for_tokens_ends_with_the_error_of_a_rank_that_died():
+    """On GPUs a dead rank can leave rank 0's collective spinning on the GPU, its tokens never ready (an NCCL abort
+    may not end it): the wait must end with that rank's error, not block. Here: an event that never completes,
+    and a rank whose failure the watcher records 0.2 s into the wait."""
+    class NeverReady:
+        def query(self):
+            return False
+
+        def synchronize(self):
+            raise AssertionError("would block forever")
+
+    class Ranks:  # what rank 0 knows of the others (tensor_parallel.Workers)
+        failures, failed, stopping, killed = [], threading.Event(), threading.Event(), False
+
+        def close(self, kill=False):
+            self.killed = kill
+
+        def die(self):
+            self.failures.append("tensor-parallel rank 1 failed:\nRuntimeError: CUDA error")
+            self.failed.set()
+
+    ranks = Ranks()
+    pending = PendingTokens(torch.zeros(4, dtype=torch.int64), StepTimer(types.SimpleNamespace(is_cuda=False)), ranks)
+    pending.event = NeverReady()
+    threading.Timer(0.2, ranks.die).start()
+    with pytest.raises(RuntimeError, match="rank 1 failed:\nRuntimeError: CUDA error"):
+        pending.get()
+    assert ranks.killed  # and the other ranks are stopped
+
+
 SCRIPT = textwrap.dedent("""
     import sys
     from nanovllm import LLM, SamplingParams
+from nanovllm.engine.model_runner import PendingTokens, StepTimer
 
     if __name__ == "__main__":
         llm = LLM(sys.argv[1], tensor_parallel_size=2, device="cpu", kv_cache_block_size=16, max_model_len=64,
@@ -275,6 +309,7 @@ def test_bf16_tensor_parallel_matches_one_gpu_up_to_near_ties(tp, qwen3_06b, gpu
 GPU_FAILURE_SCRIPT = textwrap.dedent("""
     import sys
     from nanovllm import LLM, SamplingParams
+from nanovllm.engine.model_runner import PendingTokens, StepTimer
 
     if __name__ == "__main__":
         llm = LLM(sys.argv[1], tensor_parallel_size=2, max_model_len=1024, max_num_seqs=64, max_num_batched_tokens=4096)

@@ -23,6 +23,7 @@ logger = logging.getLogger("nanovllm")
 CPU_KV_CACHE_BYTES = 1 << 30  # default KV budget on CPU, where free memory says little
 _GREEDY = SamplingParams(temperature=0, max_tokens=1)
 _SAMPLED = SamplingParams(temperature=1.0, max_tokens=1)
+FAILURE_POLL_S = 50e-6  # tensor parallel: how often a wait for sampled tokens checks for a failed rank
 
 
 class ModelRunner:
@@ -420,12 +421,19 @@ class PendingTokens:
         return self.event is None or self.event.query()
 
     def wait(self):
-        if self.event is not None:
+        if self.event is None:
+            return
+        if self.workers is None:
             self.event.synchronize()
+            return
+        # Another rank that dies leaves this one's collectives waiting on the GPU, and an NCCL abort may not end them
+        # (seen on two H200s: a failing rank's test hung): wait in slices, and stop once the watcher saw a failure
+        # (get() then raises it).
+        while not self.event.query() and not self.workers.failed.wait(FAILURE_POLL_S):
+            pass
 
     def get(self) -> list[int]:
         with tensor_parallel.reporting_failures(self.workers):  # another rank's failure: these are garbage
-            if self.event is not None:
-                self.event.synchronize()
+            self.wait()
         self.timer.add_elapsed()
         return self.host.tolist()
