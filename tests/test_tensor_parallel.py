@@ -180,7 +180,6 @@ def test_waiting_for_tokens_ends_with_the_error_of_a_rank_that_died():
 SCRIPT = textwrap.dedent("""
     import sys
     from nanovllm import LLM, SamplingParams
-from nanovllm.engine.model_runner import PendingTokens, StepTimer
 
     if __name__ == "__main__":
         llm = LLM(sys.argv[1], tensor_parallel_size=2, device="cpu", kv_cache_block_size=16, max_model_len=64,
@@ -309,7 +308,6 @@ def test_bf16_tensor_parallel_matches_one_gpu_up_to_near_ties(tp, qwen3_06b, gpu
 GPU_FAILURE_SCRIPT = textwrap.dedent("""
     import sys
     from nanovllm import LLM, SamplingParams
-from nanovllm.engine.model_runner import PendingTokens, StepTimer
 
     if __name__ == "__main__":
         llm = LLM(sys.argv[1], tensor_parallel_size=2, max_model_len=1024, max_num_seqs=64, max_num_batched_tokens=4096)
