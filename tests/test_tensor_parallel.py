@@ -306,10 +306,12 @@ def test_bf16_tensor_parallel_matches_one_gpu_up_to_near_ties(tp, qwen3_06b, gpu
 
 
 GPU_FAILURE_SCRIPT = textwrap.dedent("""
+    import faulthandler
     import sys
     from nanovllm import LLM, SamplingParams
 
     if __name__ == "__main__":
+        faulthandler.dump_traceback_later(150, exit=True)  # a hang fails the test with every thread's stack
         llm = LLM(sys.argv[1], tensor_parallel_size=2, max_model_len=1024, max_num_seqs=64, max_num_batched_tokens=4096)
         print(*[p.pid for p in llm.model_runner.workers.processes], flush=True)
         llm.generate([[1, 2, 3]] * 4, SamplingParams(max_tokens=8), use_tqdm=False)  # decode in CUDA graphs
@@ -328,6 +330,7 @@ def test_a_failing_rank_on_gpus_raises_instead_of_hanging(qwen3_06b, tmp_path):
     script.write_text(GPU_FAILURE_SCRIPT)
     result = subprocess.run([sys.executable, str(script), qwen3_06b], capture_output=True, text=True, timeout=300,
                             env=SCRIPT_ENV)
-    assert "raised: tensor-parallel rank 1 failed:" in result.stdout, result.stderr[-3000:]
-    assert result.returncode == 0, result.stderr[-3000:]
+    output = f"stdout:\n{result.stdout[-2000:]}\nstderr:\n{result.stderr[-6000:]}"
+    assert "raised: tensor-parallel rank 1 failed:" in result.stdout, output
+    assert result.returncode == 0, output
     assert wait_until_gone([int(pid) for pid in result.stdout.split("\n")[0].split()]) == []
