@@ -76,14 +76,28 @@ def near_tie_gaps(path, batch, a, b) -> list[float]:
     return gaps
 
 
+BF16_BATCH = prompts(24, 20, 600, seed=1)
+FP32_BATCH, FP32_PARAMS = prompts(48, 100, 800, seed=2), SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def single_gpu_bf16(qwen3_06b):
+    """One GPU's tokens for BF16_BATCH: the reference of both PD policies (one engine start instead of two)."""
+    return generate(qwen3_06b, BF16_BATCH, **SINGLE_GPU, dtype="bfloat16")
+
+
+@pytest.fixture(scope="module")
+def single_gpu_fp32(qwen3_06b):
+    return generate(qwen3_06b, FP32_BATCH, FP32_PARAMS, **SINGLE_GPU, dtype="float32")
+
+
 @needs_two_gpus
 @pytest.mark.parametrize("policy", ["adaptive", "static"])
-def test_pd_matches_single_gpu_bf16(qwen3_06b, policy):
+def test_pd_matches_single_gpu_bf16(qwen3_06b, single_gpu_bf16, policy):
     # bf16 kernels may round differently on the two paths (e.g. torch.compile picks reduction
     # configs per device from the first shape it sees), which can flip a near-tie: any divergence
     # must be one, judged by transformers' logits (the same bound as tests/test_gpu.py).
-    batch = prompts(24, 20, 600, seed=1)
-    single = generate(qwen3_06b, batch, **SINGLE_GPU, dtype="bfloat16")
+    batch, single = BF16_BATCH, single_gpu_bf16
     devices = []
     pd = generate(qwen3_06b, batch, **PD_GPUS, pd_policy=policy, dtype="bfloat16", inspect=lambda llm: devices.extend(
         [llm.prefill_runner.kv_cache.device, llm.decode_runner.kv_cache.device]))
@@ -98,13 +112,11 @@ def test_pd_matches_single_gpu_bf16(qwen3_06b, policy):
 
 @needs_two_gpus
 @pytest.mark.parametrize("policy", ["adaptive", "static"])
-def test_pd_under_back_pressure_and_preemption_fp32(qwen3_06b, policy):
+def test_pd_under_back_pressure_and_preemption_fp32(qwen3_06b, single_gpu_fp32, policy):
     # Many requests and small KV pools (24 blocks of 256 tokens on each GPU in adaptive mode, on the decode
     # GPU in static mode): admission waits, decoding preempts, and (adaptive) sequences move between GPUs.
     # Batches differ between the modes here, so compare in fp32, where rounding cannot flip a token.
-    batch = prompts(48, 100, 800, seed=2)
-    params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
-    single = generate(qwen3_06b, batch, params, **SINGLE_GPU, dtype="float32")
+    batch, params, single = FP32_BATCH, FP32_PARAMS, single_gpu_fp32
     engines = []
     pools = dict(num_kv_cache_blocks=24, num_prefill_kv_cache_blocks=24 if policy == "adaptive" else -1)
     pd = generate(qwen3_06b, batch, params, dtype="float32", **pools, **PD_GPUS, pd_policy=policy,
