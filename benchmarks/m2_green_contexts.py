@@ -342,11 +342,11 @@ def model_sections(results: dict, preset: str, args):
     log(f"{preset}: runner ready ({num_blocks} KV blocks)")
     vocab = runner.config.hf_config.vocab_size
     if preset == "qwen3-0.6b":
-        def correctness():  # the partitions are built inside the section: their failure must not end the run
+        def correctness(runner):  # the partitions are built inside the section: their failure must not end the run
             parts = SMPartitions(runner, pipeline=split_sms(DEVICE, 64),
                                  splits=[split_sms(DEVICE, sms) for sms in (32, 64, 96)])
             return check_parity(runner, parts, 64, (100, 600), 128, 8, 1)
-        section(results, f"correctness {preset} bf16", correctness)
+        section(results, f"correctness {preset} bf16", correctness, runner)
         release()
     with torch.inference_mode():
         runner.kv_cache.normal_()  # the timed steps read KV they never wrote: make it ordinary numbers

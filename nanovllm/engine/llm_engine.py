@@ -18,7 +18,7 @@ from nanovllm.config import Config
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.detokenizer import StopChecker
 from nanovllm.engine.kv_transfer import KVTransfer
-from nanovllm.engine.model_runner import ModelRunner, PendingTokens
+from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.scheduler import Batch, Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.sampling_params import SamplingParams
