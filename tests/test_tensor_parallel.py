@@ -4,6 +4,7 @@ On CPU (gloo, one process per rank) in fp32: token for token equal to tp=1 and t
 On GPUs (NCCL, CUDA graphs on every rank) in bf16: tp=2 and tp=4 against tp=1, where any divergence must be
 a near-tie (the rule of tests/test_gpu.py). Run with -s to see the table.
 """
+import contextlib
 import gc
 import json
 import multiprocessing
@@ -133,6 +134,15 @@ def test_a_failing_rank_raises_its_traceback_in_the_users_process(qwen3_path):
     assert wait_until_gone([p.pid for p in llm.model_runner.workers.processes]) == []
     with pytest.raises(RuntimeError, match="rank 1 failed"):  # and it stays failed
         llm.generate(random_prompts(1, 5, 10), GREEDY, use_tqdm=False)
+
+
+def test_a_killed_rank_is_reported_with_how_it_ended(qwen3_path):
+    llm = LLM(qwen3_path, tensor_parallel_size=2, **CPU, num_kv_cache_blocks=64)
+    rank_1 = llm.model_runner.workers.processes[0]
+    rank_1.kill()  # it sends no traceback
+    rank_1.join()
+    with pytest.raises(RuntimeError, match="tensor-parallel rank 1 failed:\nits process exited with code -9"):
+        llm.generate(random_prompts(2, 5, 10), GREEDY, use_tqdm=False)
 
 
 def test_a_failure_in_rank_0_stops_the_others(qwen3_path, monkeypatch):
@@ -311,7 +321,7 @@ GPU_FAILURE_SCRIPT = textwrap.dedent("""
     from nanovllm import LLM, SamplingParams
 
     if __name__ == "__main__":
-        faulthandler.dump_traceback_later(150, exit=True)  # a hang fails the test with every thread's stack
+        faulthandler.dump_traceback_later(200, exit=True)  # a hang fails the test with every thread's stack
         llm = LLM(sys.argv[1], tensor_parallel_size=2, max_model_len=1024, max_num_seqs=64, max_num_batched_tokens=4096)
         print(*[p.pid for p in llm.model_runner.workers.processes], flush=True)
         llm.generate([[1, 2, 3]] * 4, SamplingParams(max_tokens=8), use_tqdm=False)  # decode in CUDA graphs
@@ -325,12 +335,23 @@ GPU_FAILURE_SCRIPT = textwrap.dedent("""
 
 @needs_gpus(2)
 def test_a_failing_rank_on_gpus_raises_instead_of_hanging(qwen3_06b, tmp_path):
-    """In a subprocess: if NCCL could not be unblocked, the test would time out, not hang the test run."""
+    """In a subprocess whose output goes to files: a hang fails the test with stacks, and leaves nothing behind."""
     script = tmp_path / "script.py"
     script.write_text(GPU_FAILURE_SCRIPT)
-    result = subprocess.run([sys.executable, str(script), qwen3_06b], capture_output=True, text=True, timeout=300,
-                            env=SCRIPT_ENV)
-    output = f"stdout:\n{result.stdout[-2000:]}\nstderr:\n{result.stderr[-6000:]}"
-    assert "raised: tensor-parallel rank 1 failed:" in result.stdout, output
-    assert result.returncode == 0, output
-    assert wait_until_gone([int(pid) for pid in result.stdout.split("\n")[0].split()]) == []
+    out, err = tmp_path / "stdout", tmp_path / "stderr"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        user = subprocess.Popen([sys.executable, str(script), qwen3_06b], stdout=stdout, stderr=stderr,
+                                start_new_session=True, env=SCRIPT_ENV)
+    try:
+        returncode = user.wait(timeout=280)  # the script dumps its stacks and exits after 200 s
+        rank_pids = [int(pid) for pid in out.read_text().split("\n")[0].split()]
+        left_behind = wait_until_gone(rank_pids)  # before the kill below: the ranks must go by themselves
+    except subprocess.TimeoutExpired:
+        returncode, left_behind = "none: killed after 280 s", None
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(user.pid, signal.SIGKILL)  # whatever is left of its process group
+    output = f"stdout:\n{out.read_text()[-2000:]}\nstderr:\n{err.read_text()[-6000:]}"
+    assert "raised: tensor-parallel rank 1 failed:" in out.read_text(), output
+    assert returncode == 0, output
+    assert left_behind == []

@@ -313,9 +313,8 @@ class LLMEngine:
         """Undo every step and copy in flight: their sequences are recomputed; devices are drained first, so
         nothing still writes to the blocks that are freed."""
         for runner in self.runners:
-            if runner.is_cuda:
-                with contextlib.suppress(Exception):
-                    torch.cuda.synchronize(runner.device)
+            with contextlib.suppress(Exception):
+                runner.drain()
         batches = [batch for w in self.workers for batch, _ in w.in_flight]
         migrations = [seq for _, seqs in self.transfers for seq in seqs]
         for w in self.workers:

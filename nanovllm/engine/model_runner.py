@@ -94,6 +94,15 @@ class ModelRunner:
         if self.workers is not None:
             self.workers.close()
 
+    def drain(self):
+        """Wait until this runner's GPU work is done, so that the KV blocks it writes can be freed.
+
+        Not after another tensor-parallel rank died: rank 0's collectives with it may never end, and a stopped
+        engine runs nothing again (its blocks are never reused)."""
+        if not self.is_cuda or (self.workers is not None and self.workers.stopping.is_set()):
+            return
+        torch.cuda.synchronize(self.device)
+
     def on_device(self):
         """Make this runner's GPU current: Triton launches and graph capture go to the current device."""
         return torch.cuda.device(self.device) if self.is_cuda else contextlib.nullcontext()

@@ -13,9 +13,11 @@ Shutdown: the other ranks never outlive the user's process, and none is left han
 - `Workers.close()` (LLM.close(), at exit, or when the engine is garbage-collected) tells them to stop and
   kills those that do not, then frees rank 0's CUDA graphs and aborts its communicator (on two H200s, aborting a
   communicator while graphs that captured its collectives were alive never returned).
-- A rank that fails sends its traceback and exits. A watcher thread in the user's process records it and
-  aborts NCCL, so that rank 0 stops waiting for it in a collective; `reporting_failures` then raises an
-  error carrying that traceback. When rank 0 fails in a step, the others (now waiting for it) are stopped.
+- A rank that fails sends its traceback and exits. A watcher thread in the user's process records it. Rank 0's
+  host never blocks on the GPU under tensor parallelism (its collectives with a dead peer may never end): it waits
+  for sampled tokens in slices and stops once the watcher saw a failure. `reporting_failures` then stops the other
+  ranks, frees rank 0's graphs, aborts its communicator and raises an error carrying that traceback. When rank 0
+  fails in a step, the others (now waiting for it) are stopped the same way.
 """
 import contextlib
 import logging
@@ -61,7 +63,7 @@ class Workers:
         self.failures: list[str] = []  # filled by the watcher thread
         self.failed = threading.Event()
         self.stopping = threading.Event()
-        self.aborts = []  # rank 0's NCCL abort, once connected: unblocks it when another rank is gone
+        self.aborts = []  # rank 0's NCCL abort, once connected: ends its collectives whose peers are gone
         self.graphs: list[dict] = []  # rank 0's CUDA graphs (dicts of them), freed before its communicator is aborted
         # Stops the ranks on close(), at exit, or when this object is collected, whichever comes first.
         self._finalizer = weakref.finalize(self, _stop, self.processes, self.commands, self.stopping, self.aborts,
@@ -90,8 +92,7 @@ class Workers:
         if device.type == "cuda":
             self.aborts.append(self.group.backend.abort)
         threading.Thread(target=_watch, name="nanovllm-tp-watcher", daemon=True,
-                         args=(self.processes, reports, self.failures, self.failed, self.stopping,
-                               self.aborts)).start()
+                         args=(self.processes, reports, self.failures, self.failed, self.stopping)).start()
 
     def call(self, method: str, *args):
         """Run runner.method(*args) on every other rank (without waiting for it)."""
@@ -145,28 +146,42 @@ def _wait_until_connecting(processes, reports):
     """Wait until every rank is about to join the process group; raise if one died before."""
     for rank, (process, conn) in enumerate(zip(processes, reports), start=1):
         mp.connection.wait([conn, process.sentinel])
-        if conn.poll():
-            kind, message = conn.recv()
-            if kind == "connecting":
-                continue
-        else:
-            message = f"its process exited with code {process.exitcode}"
-        raise RuntimeError(f"tensor-parallel rank {rank} failed to start:\n{message}")
+        report = _receive(conn)
+        if report is not None and report[0] == "connecting":
+            continue
+        raise RuntimeError(f"tensor-parallel rank {rank} failed to start:\n{_how_it_ended(report, process)}")
 
 
-def _watch(processes, reports, failures, failed, stopping, aborts):
-    """Record each rank that dies unasked (with its traceback, if it sent one) and abort NCCL."""
+def _watch(processes, reports, failures, failed, stopping):
+    """Record each rank that dies unasked, with its traceback if it sent one.
+
+    It does not abort NCCL itself: an abort while rank 0's CUDA graphs are alive does not return (two H200s).
+    Rank 0 notices the failure between its waits and stops everything in order (`Workers.close`)."""
     sentinels = {process.sentinel: rank for rank, process in enumerate(processes)}
     while sentinels:
         for sentinel in mp.connection.wait(list(sentinels)):
             i = sentinels.pop(sentinel)
             if stopping.is_set():
                 continue
-            conn = reports[i]
-            message = conn.recv()[1] if conn.poll() else f"its process exited with code {processes[i].exitcode}"
-            failures.append(f"tensor-parallel rank {i + 1} failed:\n{message}")
+            ended = _how_it_ended(_receive(reports[i]), processes[i])
+            failures.append(f"tensor-parallel rank {i + 1} failed:\n{ended}")
             failed.set()
-            _abort_once(aborts)
+
+
+def _receive(conn) -> tuple | None:
+    """A rank's next report, or None if it died without sending one (poll() is also true at EOF)."""
+    with contextlib.suppress(EOFError, OSError):
+        if conn.poll():
+            return conn.recv()
+    return None
+
+
+def _how_it_ended(report: tuple | None, process) -> str:
+    """The traceback a dead rank sent, or else its exit code."""
+    if report is not None:
+        return report[1]
+    process.join(1)  # its sentinel fires as it closes its files, a moment before its exit code is known
+    return f"its process exited with code {process.exitcode}"
 
 
 def _stop(processes, commands, stopping, aborts, graphs):
@@ -188,7 +203,7 @@ def _stop(processes, commands, stopping, aborts, graphs):
 
 
 def _abort_once(aborts: list):
-    """Abort rank 0's communicator, once (the watcher may have been first), waiting ABORT_TIMEOUT_S at most."""
+    """Abort rank 0's communicator, once, waiting ABORT_TIMEOUT_S at most."""
     try:
         abort = aborts.pop()
     except IndexError:
