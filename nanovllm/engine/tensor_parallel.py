@@ -11,12 +11,12 @@ Shutdown: the other ranks never outlive the user's process, and none is left han
 - They ignore SIGINT (Ctrl-C reaches the whole process group; rank 0 decides) and exit when the user's
   process goes away: their command pipe closes, or, if they are stuck in a collective, their parent changes.
 - `Workers.close()` (LLM.close(), at exit, or when the engine is garbage-collected) tells them to stop and
-  kills those that do not, then frees rank 0's CUDA graphs and aborts its communicator (on two H200s, aborting a
-  communicator while graphs that captured its collectives were alive never returned).
+  kills those that do not, then aborts rank 0's communicator and frees its CUDA graphs (`_abort` says in which
+  order, and why).
 - A rank that fails sends its traceback and exits. A watcher thread in the user's process records it. Rank 0's
   host never blocks on the GPU under tensor parallelism (its collectives with a dead peer may never end): it waits
   for sampled tokens in slices and stops once the watcher saw a failure. `reporting_failures` then stops the other
-  ranks, frees rank 0's graphs, aborts its communicator and raises an error carrying that traceback. When rank 0
+  ranks, aborts rank 0's communicator, frees its graphs and raises an error carrying that traceback. When rank 0
   fails in a step, the others (now waiting for it) are stopped the same way.
 """
 import contextlib
@@ -40,6 +40,7 @@ from nanovllm.layers.linear import TensorParallelGroup
 STOP_TIMEOUT_S = 10  # for the ranks to exit after close(), before they are killed
 REPORT_WAIT_S = 2  # when rank 0 fails, how long to wait for the failure of another rank that may explain it
 ABORT_TIMEOUT_S = 10  # an NCCL abort that does not return by then is left behind: it must not hang the user
+ABORT_HEAD_START_S = 0.2  # for the abort to raise NCCL's abort flag before rank 0's graphs are freed
 
 
 def connect(rank: int, size: int, device: torch.device, store: dist.Store) -> TensorParallelGroup:
@@ -197,23 +198,28 @@ def _stop(processes, commands, stopping, aborts, graphs):
         if process.is_alive():
             process.kill()
             process.join()
-    for captured in graphs:  # before the abort, which waits for graphs that captured the communicator's collectives
+    _abort(aborts, graphs)  # rank 0's NCCL communicator: its peers are gone
+
+
+def _abort(aborts: list, graphs: list[dict]):
+    """Abort rank 0's communicator (once) and free its CUDA graphs, waiting ABORT_TIMEOUT_S at most.
+
+    The order matters. The abort first raises NCCL's abort flag, which ends rank 0's collectives still spinning on
+    the GPU for a dead peer, then waits until every graph that captured one of them is destroyed. Destroying such a
+    graph waits for those collectives to end. So: abort in a thread, then free the graphs, then wait for the
+    abort (two H200s: freeing first hung on a dead peer; aborting with graphs alive never returned)."""
+    abort = aborts.pop() if aborts else None
+    thread = threading.Thread(target=abort, name="nanovllm-tp-abort", daemon=True) if abort else None
+    if thread:
+        thread.start()
+        thread.join(ABORT_HEAD_START_S)  # the abort flag goes up before anything below waits for the GPU
+    for captured in graphs:
         captured.clear()
-    _abort_once(aborts)  # rank 0's NCCL communicator: its peers are gone
-
-
-def _abort_once(aborts: list):
-    """Abort rank 0's communicator, once, waiting ABORT_TIMEOUT_S at most."""
-    try:
-        abort = aborts.pop()
-    except IndexError:
-        return
-    thread = threading.Thread(target=abort, name="nanovllm-tp-abort", daemon=True)
-    thread.start()
-    thread.join(ABORT_TIMEOUT_S)
-    if thread.is_alive():
-        logging.getLogger("nanovllm").warning(f"rank 0's NCCL communicator did not abort within {ABORT_TIMEOUT_S} s;"
-                                              " left behind")
+    if thread:
+        thread.join(ABORT_TIMEOUT_S)
+        if thread.is_alive():
+            logging.getLogger("nanovllm").warning(f"rank 0's NCCL communicator did not abort within "
+                                                  f"{ABORT_TIMEOUT_S} s; left behind")
 
 
 # ---- the other ranks' side ----
