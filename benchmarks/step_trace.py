@@ -59,6 +59,16 @@ def trace_launches(runner, records: list):
     runner.launch = traced
 
 
+def allocator_counts(runner) -> dict:
+    """Counters of the CUDA caching allocator. A retry frees cached blocks and calls cudaFree, which waits for the
+    whole GPU: inside a step, that turns an asynchronous launch into a synchronous one."""
+    if not runner.is_cuda:
+        return {}
+    import torch
+    stats = torch.cuda.memory_stats(runner.device)
+    return {k: stats.get(k, 0) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")}
+
+
 def summarize(records: list, hf, copy_gb_s: float, wall_s: float) -> dict:
     weight_bytes, kv_bytes = bench.step_bytes(hf)
     previous_end = None
@@ -108,9 +118,11 @@ def main():
     runner = llm.runners[0]
     trace_launches(runner, records)
     bench._synchronize([str(runner.device)])
+    before = allocator_counts(runner)
     _, wall_s = bench.drive(llm, requests, args.timeout)
     bench._synchronize([str(runner.device)])
     summary = summarize(records, hf, setup["ceilings"]["copy_gb_s"], wall_s)
+    summary["allocator"] = {k: v - before[k] for k, v in allocator_counts(runner).items()}
     summary.update(options=args.option, ceilings=setup["ceilings"], roofline=setup["roofline"],
                    gpu=torch.cuda.get_device_name(runner.device) if runner.is_cuda else "cpu",
                    output_tok_s=setup["roofline"]["output_tokens"] / wall_s)
@@ -124,6 +136,7 @@ def main():
         print(f"{r['kind']:<16}{r['steps']:>6}{r['gpu_s']:>8.2f}{r['mean_gpu_ms']:>9.2f}{r['mean_host_ms']:>9.2f}"
               f"{r['host_bound_steps']:>11}{r['gb_s']:>8.0f}{r['of_copy']:>8.1%}{r['prompt_tokens']:>11}"
               f"{r['gaps_s']:>8.2f}")
+    print("during the run, the caching allocator's", ", ".join(f"{k}: {v}" for k, v in summary["allocator"].items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(summary=summary, steps=records), f)
