@@ -187,6 +187,21 @@ def test_waiting_for_tokens_ends_with_the_error_of_a_rank_that_died():
     assert ranks.killed  # and the other ranks are stopped
 
 
+
+def test_rollback_does_not_wait_for_the_gpu_of_a_stopped_engine(monkeypatch):
+    """After a rank died, rank 0's collectives with it may never end on the GPU: a rolled-back step must not wait
+    for them (the engine is stopped, so its KV blocks are never reused). A running engine still waits."""
+    from nanovllm.engine.model_runner import ModelRunner
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))
+    runner = types.SimpleNamespace(is_cuda=True, device="cuda:0",
+                                   workers=types.SimpleNamespace(stopping=threading.Event()))
+    ModelRunner.drain(runner)
+    assert waited == ["cuda:0"]
+    runner.workers.stopping.set()
+    ModelRunner.drain(runner)
+    assert waited == ["cuda:0"]
+
 SCRIPT = textwrap.dedent("""
     import sys
     from nanovllm import LLM, SamplingParams
