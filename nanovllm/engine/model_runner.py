@@ -435,9 +435,9 @@ class PendingTokens:
         if self.workers is None:
             self.event.synchronize()
             return
-        # Another rank that dies leaves this one's collectives waiting on the GPU, and an NCCL abort may not end them
-        # (seen on two H200s: a failing rank's test hung): wait in slices, and stop once the watcher saw a failure
-        # (get() then raises it).
+        # Another rank that dies leaves this one's collectives waiting on the GPU until rank 0's communicator is
+        # aborted, which happens only once rank 0 stops (Workers.close): wait in slices, and stop once the watcher
+        # saw a failure (get() then raises it and stops the ranks).
         while not self.event.query() and not self.workers.failed.wait(FAILURE_POLL_S):
             pass
 

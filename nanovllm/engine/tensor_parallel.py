@@ -65,7 +65,7 @@ class Workers:
         self.failed = threading.Event()
         self.stopping = threading.Event()
         self.aborts = []  # rank 0's NCCL abort, once connected: ends its collectives whose peers are gone
-        self.graphs: list[dict] = []  # rank 0's CUDA graphs (dicts of them), freed before its communicator is aborted
+        self.graphs: list[dict] = []  # rank 0's CUDA graphs (dicts of them), freed while its communicator aborts
         # Stops the ranks on close(), at exit, or when this object is collected, whichever comes first.
         self._finalizer = weakref.finalize(self, _stop, self.processes, self.commands, self.stopping, self.aborts,
                                            self.graphs)
@@ -136,7 +136,7 @@ def reporting_failures(workers: Workers | None):
         if from_peer and workers.failures:
             raise RuntimeError(workers.failures[0]) from e
         raise
-    if workers.failures:  # NCCL was aborted under this step: its results are garbage
+    if workers.failures:  # another rank died under this step: its results are garbage
         workers.close(kill=True)
         raise RuntimeError(workers.failures[0])
 
