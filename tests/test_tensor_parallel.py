@@ -25,6 +25,7 @@ from conftest import hf_greedy, random_prompts
 from nanovllm import LLM, SamplingParams
 from nanovllm.engine.model_runner import PendingTokens, StepTimer
 from nanovllm.utils.checkpoints import make_random_checkpoint
+from nanovllm.engine.tensor_parallel import _how_it_ended
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 # A script in a temporary folder imports nanovllm from this checkout, installed or not.
@@ -143,6 +144,21 @@ def test_a_killed_rank_is_reported_with_how_it_ended(qwen3_path):
     rank_1.join()
     with pytest.raises(RuntimeError, match="tensor-parallel rank 1 failed:\nits process exited with code -9"):
         llm.generate(random_prompts(2, 5, 10), GREEDY, use_tqdm=False)
+
+
+def test_the_exit_code_is_read_even_while_another_thread_reaps_the_rank():
+    class RankBeingReapedElsewhere:  # multiprocessing's exitcode reads None until the reaping thread records it
+        reads = 0
+
+        def join(self, timeout=None):
+            pass
+
+        @property
+        def exitcode(self):
+            self.reads += 1
+            return None if self.reads < 3 else -9
+
+    assert _how_it_ended(None, RankBeingReapedElsewhere()) == "its process exited with code -9"
 
 
 def test_a_failure_in_rank_0_stops_the_others(qwen3_path, monkeypatch):

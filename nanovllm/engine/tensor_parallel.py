@@ -181,7 +181,11 @@ def _how_it_ended(report: tuple | None, process) -> str:
     """The traceback a dead rank sent, or else its exit code."""
     if report is not None:
         return report[1]
-    process.join(1)  # its sentinel fires as it closes its files, a moment before its exit code is known
+    # Its sentinel fires as it closes its files, a moment before its exit code is known; and while another thread
+    # reaps it (a join elsewhere), our waitpid fails and exitcode reads None until that thread records the code.
+    deadline = time.monotonic() + 2.0
+    while process.exitcode is None and time.monotonic() < deadline:
+        process.join(0.05)
     return f"its process exited with code {process.exitcode}"
 
 
