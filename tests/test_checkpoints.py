@@ -37,3 +37,50 @@ def test_directly_written_checkpoint_loads_in_transformers(preset, tmp_path, mon
     outputs = LLM(path, device="cpu", dtype="float32", kv_cache_block_size=16, max_model_len=128,
                   num_kv_cache_blocks=32).generate(prompts, params, use_tqdm=False)
     assert [o["token_ids"] for o in outputs] == hf_greedy(path, prompts, params.max_tokens)
+
+
+
+def test_an_interrupted_write_leaves_no_checkpoint_behind(tmp_path, monkeypatch):
+    """Ctrl-C while the example converts SmolLM2 (or a full disk) must not leave a directory that looks complete
+    (transformers' save_pretrained writes config.json first) but is not: every later run would fail to load it."""
+    path = str(tmp_path / "cache" / "qwen3")
+
+    def config_then_interrupt(model, save_directory, *args, **kwargs):
+        model.config.save_pretrained(save_directory)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("transformers.PreTrainedModel.save_pretrained", config_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.make_random_checkpoint(path, "qwen3-tiny")
+    assert os.listdir(tmp_path / "cache") == []  # nothing at the path, and no staging directory
+    monkeypatch.undo()
+
+    assert checkpoints.make_random_checkpoint(path, "qwen3-tiny") == path
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(path))
+    assert os.stat(path).st_mode & 0o777 == 0o755
+    LLM(path, device="cpu", dtype="float32", num_kv_cache_blocks=8)  # loads
+
+
+def test_a_checkpoint_written_meanwhile_by_another_process_is_kept(tmp_path, monkeypatch):
+    path = str(tmp_path / "qwen3")
+    save_tokenizer = type(checkpoints.make_tokenizer(512)).save_pretrained
+
+    def another_process_finishes_first(tokenizer, staging, *args, **kwargs):
+        monkeypatch.undo()
+        checkpoints.make_random_checkpoint(path, "qwen3-tiny", seed=1)
+        return save_tokenizer(tokenizer, staging, *args, **kwargs)
+
+    monkeypatch.setattr(type(checkpoints.make_tokenizer(512)), "save_pretrained", another_process_finishes_first)
+    assert checkpoints.make_random_checkpoint(path, "qwen3-tiny", seed=0) == path
+    assert os.listdir(tmp_path) == ["qwen3"]  # our staging directory is gone
+    theirs = checkpoints.make_random_checkpoint(str(tmp_path / "seed-1"), "qwen3-tiny", seed=1)
+    embeddings = [load_file(os.path.join(p, "model.safetensors"))["model.embed_tokens.weight"] for p in (path, theirs)]
+    assert torch.equal(*embeddings)
+
+
+def test_a_half_written_directory_from_before_is_named_not_loaded(tmp_path):
+    path = tmp_path / "qwen3"
+    path.mkdir()
+    (path / "model.safetensors").write_bytes(b"half")
+    with pytest.raises(RuntimeError, match=f"cannot write a checkpoint to {path}: it exists, is not empty"):
+        checkpoints.make_random_checkpoint(str(path), "qwen3-tiny")

