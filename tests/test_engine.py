@@ -154,3 +154,42 @@ def test_cpu_defaults_kv_budget_and_fp32(qwen3_path):
     llm = LLM(qwen3_path, device="cpu", max_model_len=256)  # no dtype and no block count: the CPU defaults
     assert llm.model_runner.num_kv_blocks * 256 >= 256
     assert llm.model_runner.kv_cache.dtype == torch.float32
+
+
+def test_the_heap_is_frozen_while_the_engine_has_work_and_only_then(qwen3_path, monkeypatch):
+    """A full collection of the cycle collector walks every object the process tracks (~200k with torch
+    loaded): a pause of a tenth of a second or more between two steps. While it has work, the engine keeps the
+    collector off what existed before (gc.freeze), and gives it back when idle, so nothing is leaked."""
+    import gc
+    import weakref
+    llm = LLM(qwen3_path, **SMALL)
+    frozen_during_steps = []
+    schedule = llm.scheduler.schedule
+    monkeypatch.setattr(llm.scheduler, "schedule", lambda *a: frozen_during_steps.append(gc.get_freeze_count())
+                        or schedule(*a))
+    before = len(gc.get_objects())
+    llm.generate(random_prompts(3, 5, 20), GREEDY, use_tqdm=False)
+    assert min(frozen_during_steps) >= before
+    assert gc.get_freeze_count() == 0  # idle: given back
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(llm.scheduler, "schedule", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(random_prompts(2, 5, 20), GREEDY, use_tqdm=False)
+    assert gc.get_freeze_count() == 0  # generate() aborted its requests: idle again
+    monkeypatch.setattr(llm.scheduler, "schedule", schedule)
+
+    gc.freeze()  # the user's own: the engine leaves it as it is
+    try:
+        frozen = gc.get_freeze_count()
+        llm.generate(random_prompts(2, 5, 20), GREEDY, use_tqdm=False)
+        assert 0 < gc.get_freeze_count() <= frozen  # not given back, not frozen over (some frozen objects died)
+    finally:
+        gc.unfreeze()
+
+    engine = weakref.ref(llm)
+    del llm, schedule
+    gc.collect()
+    assert engine() is None  # an engine that ran is still collected

@@ -20,6 +20,7 @@ Shutdown: the other ranks never outlive the user's process, and none is left han
   fails in a step, the others (now waiting for it) are stopped the same way.
 """
 import contextlib
+import gc
 import logging
 import multiprocessing as mp
 import multiprocessing.connection
@@ -242,6 +243,8 @@ def run_worker(config, rank: int, device: torch.device, num_kv_blocks: int, role
         reports.send(("connecting", None))
         group = connect(rank, config.tensor_parallel_size, device, dist.TCPStore("127.0.0.1", port, is_master=False))
         runner = ModelRunner(config, device, num_kv_blocks, role, tp_group=group)
+        gc.collect()
+        gc.freeze()  # from here this process only runs steps: no full collection walks its start-up objects
         while True:
             method, args = pickle.loads(commands.recv_bytes())
             if method == "close":
