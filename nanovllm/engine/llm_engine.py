@@ -70,7 +70,9 @@ class LLMEngine:
         self.init_workers()
         self.init_scheduler()
         self.requests: dict[int, Sequence] = {}  # accepted and not yet reported finished
-        self.undelivered: list[StepOutput] = []  # requests that ended outside a step (aborted, failed)
+        # Outputs step() has not returned yet: requests that ended outside a step (aborted, failed), and those of
+        # steps committed during a step() call that then raised (the next call returns them).
+        self.undelivered: list[StepOutput] = []
         self.transfers: list[tuple[KVTransfer, list[Sequence]]] = []
         self.stats = dict(prefill_tokens=0, decode_tokens=0, kv_bytes=0, kv_copies=0, kv_seconds=0.0)
 
@@ -187,10 +189,10 @@ class LLMEngine:
         """Launch the next step on every worker, then collect what is done. Some tokens arrive one step late."""
         with self._rollback_on_failure():
             launched = self._launch()
-            outputs, collected = self._collect()
+            collected = self._collect()
             if not launched and not collected and not self._in_flight():
                 self._check_not_stalled()
-        outputs, self.undelivered = self.undelivered + outputs, []
+        outputs, self.undelivered = self.undelivered, []
         return outputs
 
     def _launch(self) -> bool:
@@ -206,22 +208,22 @@ class LLMEngine:
                 launched = True
         return launched
 
-    def _collect(self) -> tuple[list[StepOutput], bool]:
+    def _collect(self) -> bool:
         """Wait until a step or copy in flight is done, then commit every one that is."""
         if not self._any_done():
             self._wait_any()
-        outputs, collected = [], False
+        collected = False
         for transfer in [t for t in self.transfers if t[0].done()]:
             self._retire_transfer(transfer)
             collected = True
         for worker in self.workers:
             while worker.in_flight and worker.in_flight[0][1].done():
-                outputs += self._commit(worker)
+                self._commit(worker)
                 collected = True
         self._start_transfers()
-        return outputs, collected
+        return collected
 
-    def _commit(self, worker: Worker) -> list[StepOutput]:
+    def _commit(self, worker: Worker):
         batch, pending = worker.in_flight[0]
         token_ids = pending.get()
         results = self.scheduler.check_results(batch, token_ids)
@@ -229,7 +231,8 @@ class LLMEngine:
             worker.in_flight.popleft()
             self.scheduler.apply_results(batch, results)
             self._count(batch)
-            return [self._output(seq, token_id) for seq, token_id, _, _ in results]
+            # Kept on the engine, not returned: should a later commit in this step() fail, they still come out.
+            self.undelivered += [self._output(seq, token_id) for seq, token_id, _, _ in results]
 
     def _output(self, seq: Sequence, token_id: int | None) -> StepOutput:
         if not seq.is_finished:
