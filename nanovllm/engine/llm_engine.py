@@ -359,7 +359,7 @@ class LLMEngine:
         return [self._result(results[i]) for i in request_ids]
 
     def _run_to_completion(self, request_ids: list[int], use_tqdm: bool) -> dict[int, StepOutput]:
-        mine, results = set(request_ids), {}
+        mine, results, others = set(request_ids), {}, []
         progress = tqdm(total=len(request_ids), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
         start, tokens = time.perf_counter(), 0
         try:
@@ -367,12 +367,16 @@ class LLMEngine:
                 outputs = self.step()
                 tokens += len(outputs)
                 for out in outputs:
-                    if out.finished and out.request_id in mine:
+                    if out.request_id not in mine:
+                        others.append(out)
+                    elif out.finished:
                         results[out.request_id] = out
                         progress.update(1)
                 progress.set_postfix(tok_per_s=f"{tokens / (time.perf_counter() - start):.0f}", refresh=False)
         finally:
             progress.close()
+            # Requests added with add_request() also ran: their outputs are for the caller's next step().
+            self.undelivered = others + self.undelivered
         return results
 
     def _result(self, out: StepOutput) -> dict:
