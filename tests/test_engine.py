@@ -169,3 +169,12 @@ def test_cpu_defaults_kv_budget_and_fp32(qwen3_path):
     llm = LLM(qwen3_path, device="cpu", max_model_len=256)  # no dtype and no block count: the CPU defaults
     assert llm.model_runner.num_kv_blocks * 256 >= 256
     assert llm.model_runner.kv_cache.dtype == torch.float32
+
+
+def test_cpu_default_kv_budget_fits_one_sequence_of_a_big_model(qwen3_path, monkeypatch):
+    """The CPU's default KV budget (1 GiB) holds less than max_model_len for big models (Qwen3-8B in fp32); then the
+    engine takes as many blocks as one sequence needs, and starts."""
+    monkeypatch.setattr("nanovllm.engine.model_runner.CPU_KV_CACHE_BYTES", 1)  # as if every block were bigger
+    llm = LLM(qwen3_path, device="cpu", max_model_len=512)
+    [out] = llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)
+    assert len(out["token_ids"]) == GREEDY.max_tokens
