@@ -6,6 +6,9 @@ as KeyboardInterrupt (Ctrl-C), in single-device mode and in both PD policies, on
 no step in flight, every block free, nothing waiting; then the same prompts again (hitting the prefix cache
 the failed step must not have poisoned) give the tokens of a run that never failed.
 """
+import os
+import signal
+
 import pytest
 
 from conftest import random_prompts
@@ -203,6 +206,25 @@ def test_interrupted_generate_leaves_nothing_behind(qwen3_path, reference):
     out = llm.generate(other, GREEDY, use_tqdm=False)  # runs only its own request
     assert len(out) == 1 and llm.stats["decode_tokens"] > 0
     assert_consistent(llm)
+
+
+def test_ctrl_c_again_while_generate_cleans_up_leaves_nothing_behind(qwen3_path, reference):
+    """An impatient user presses Ctrl-C twice: the second lands while generate() aborts its requests."""
+    llm = LLM(qwen3_path, **MODES["single"])
+    Fault(llm.workers[0].runner, "launch", decode, KeyboardInterrupt())
+    abort = llm.abort_request
+
+    def abort_and_press_ctrl_c_again(request_id):
+        aborted = abort(request_id)
+        os.kill(os.getpid(), signal.SIGINT)
+        return aborted
+
+    llm.abort_request = abort_and_press_ctrl_c_again
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    del llm.abort_request
+    assert_consistent(llm)
+    assert tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == reference
 
 
 def test_outputs_committed_before_a_failing_step_are_still_delivered(qwen3_path, reference):

@@ -351,10 +351,11 @@ class LLMEngine:
         try:
             results = self._run_to_completion(request_ids, use_tqdm)
         except BaseException:
-            for request_id in request_ids:
-                self.abort_request(request_id)
-            mine = set(request_ids)
-            self.undelivered = [out for out in self.undelivered if out.request_id not in mine]
+            with _sigint_deferred():  # a second Ctrl-C must not leave half of them queued
+                for request_id in request_ids:
+                    self.abort_request(request_id)
+                mine = set(request_ids)
+                self.undelivered = [out for out in self.undelivered if out.request_id not in mine]
             raise
         return [self._result(results[i]) for i in request_ids]
 
