@@ -227,6 +227,23 @@ def test_ctrl_c_again_while_generate_cleans_up_leaves_nothing_behind(qwen3_path,
     assert tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == reference
 
 
+def test_ctrl_c_while_generate_queues_its_requests_leaves_nothing_behind(qwen3_path, reference):
+    llm = LLM(qwen3_path, **MODES["single"])
+    add = llm._add
+
+    def add_and_press_ctrl_c(*args):
+        request_id = add(*args)
+        os.kill(os.getpid(), signal.SIGINT)
+        return request_id
+
+    llm._add = add_and_press_ctrl_c
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    del llm._add
+    assert_consistent(llm)
+    assert tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == reference
+
+
 def test_outputs_committed_before_a_failing_step_are_still_delivered(qwen3_path, reference):
     """Two steps are collected in one call, and the second's tokens cannot be read. The first step was committed
     (here it finishes a request), so its outputs must still come out of step(), after the exception."""

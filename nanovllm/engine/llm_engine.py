@@ -347,8 +347,10 @@ class LLMEngine:
             raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
         params = [self._check_params(p) for p in params]
         encoded = [self._encode(prompt) for prompt in prompts]  # all checked before any is queued
-        request_ids = [self._add(token_ids, p) for token_ids, p in zip(encoded, params)]
+        request_ids = []
         try:
+            with _sigint_deferred():  # Ctrl-C waits until all are queued, and so are aborted below
+                request_ids += [self._add(token_ids, p) for token_ids, p in zip(encoded, params)]
             results = self._run_to_completion(request_ids, use_tqdm)
         except BaseException:
             with _sigint_deferred():  # a second Ctrl-C must not leave half of them queued
