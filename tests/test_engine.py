@@ -133,6 +133,21 @@ def test_step_api_streams_tokens(qwen3_path):
     assert [finished[i] for i in ids] == hf_greedy(qwen3_path, prompts, GREEDY.max_tokens)
 
 
+def test_generate_keeps_the_outputs_of_requests_it_did_not_add(qwen3_path):
+    """A request added with add_request() may finish while generate() runs others: its outputs wait for step()."""
+    engine = LLMEngine(qwen3_path, **SMALL)
+    prompts = random_prompts(2, 5, 20, seed=9)
+    streamed = engine.add_request(prompts[0], GREEDY)
+    [out] = engine.generate(prompts[1:], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+                            use_tqdm=False)
+    outputs = []
+    while not engine.is_finished():
+        outputs += engine.step()
+    assert [o.new_token_id for o in outputs] == [o.token_ids for o in outputs if o.finished][0]
+    assert all(o.request_id == streamed for o in outputs)
+    assert outputs[-1].token_ids == hf_greedy(qwen3_path, prompts[:1], GREEDY.max_tokens)[0]
+
+
 def test_per_prompt_sampling_params(qwen3_path):
     llm = LLM(qwen3_path, **SMALL)
     prompts = random_prompts(2, 5, 20, seed=7)
@@ -193,3 +208,12 @@ def test_the_heap_is_frozen_while_the_engine_has_work_and_only_then(qwen3_path, 
     del llm, schedule
     gc.collect()
     assert engine() is None  # an engine that ran is still collected
+
+
+def test_cpu_default_kv_budget_fits_one_sequence_of_a_big_model(qwen3_path, monkeypatch):
+    """The CPU's default KV budget (1 GiB) holds less than max_model_len for big models (Qwen3-8B in fp32); then the
+    engine takes as many blocks as one sequence needs, and starts."""
+    monkeypatch.setattr("nanovllm.engine.model_runner.CPU_KV_CACHE_BYTES", 1)  # as if every block were bigger
+    llm = LLM(qwen3_path, device="cpu", max_model_len=512)
+    [out] = llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)
+    assert len(out["token_ids"]) == GREEDY.max_tokens

@@ -6,6 +6,9 @@ as KeyboardInterrupt (Ctrl-C), in single-device mode and in both PD policies, on
 no step in flight, every block free, nothing waiting; then the same prompts again (hitting the prefix cache
 the failed step must not have poisoned) give the tokens of a run that never failed.
 """
+import os
+import signal
+
 import pytest
 
 from conftest import random_prompts
@@ -96,12 +99,12 @@ def inject(llm, point, error):
     raise ValueError(point)
 
 
-def _fail_at_collect(runner, error):
+def _fail_at_collect(runner, error, when=lambda batch: True):
     launch, state = runner.launch, {"fired": False}
 
     def launch_failing_once(batch):
         pending = launch(batch)
-        if not state["fired"] and batch.decodes:
+        if not state["fired"] and batch.decodes and when(batch):
             state["fired"] = True
             return FailingTokens(pending, error)
         return pending
@@ -203,3 +206,67 @@ def test_interrupted_generate_leaves_nothing_behind(qwen3_path, reference):
     out = llm.generate(other, GREEDY, use_tqdm=False)  # runs only its own request
     assert len(out) == 1 and llm.stats["decode_tokens"] > 0
     assert_consistent(llm)
+
+
+def test_ctrl_c_again_while_generate_cleans_up_leaves_nothing_behind(qwen3_path, reference):
+    """An impatient user presses Ctrl-C twice: the second lands while generate() aborts its requests."""
+    llm = LLM(qwen3_path, **MODES["single"])
+    Fault(llm.workers[0].runner, "launch", decode, KeyboardInterrupt())
+    abort = llm.abort_request
+
+    def abort_and_press_ctrl_c_again(request_id):
+        aborted = abort(request_id)
+        os.kill(os.getpid(), signal.SIGINT)
+        return aborted
+
+    llm.abort_request = abort_and_press_ctrl_c_again
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    del llm.abort_request
+    assert_consistent(llm)
+    assert tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == reference
+
+
+def test_ctrl_c_while_generate_queues_its_requests_leaves_nothing_behind(qwen3_path, reference):
+    llm = LLM(qwen3_path, **MODES["single"])
+    add = llm._add
+
+    def add_and_press_ctrl_c(*args):
+        request_id = add(*args)
+        os.kill(os.getpid(), signal.SIGINT)
+        return request_id
+
+    llm._add = add_and_press_ctrl_c
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    del llm._add
+    assert_consistent(llm)
+    assert tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == reference
+
+
+def test_outputs_committed_before_a_failing_step_are_still_delivered(qwen3_path, reference):
+    """Two steps are collected in one call, and the second's tokens cannot be read. The first step was committed
+    (here it finishes a request), so its outputs must still come out of step(), after the exception."""
+    engine = LLMEngine(qwen3_path, **MODES["single"])
+    short = engine.add_request(PROMPTS[0], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    long = engine.add_request(PROMPTS[1], GREEDY)
+    streamed, ended = {short: [], long: []}, {}
+
+    def record(outputs):
+        for out in outputs:
+            streamed[out.request_id].append(out.new_token_id)
+            if out.finished:
+                ended[out.request_id] = out
+
+    record(engine.step())  # prefills both: each has its first token
+    # The next call launches a step that decodes both (short's last token), then one for long alone: that fails.
+    fault = _fail_at_collect(engine.workers[0].runner, RuntimeError("injected"),
+                             when=lambda batch: short not in [seq.seq_id for seq in batch.seqs])
+    with pytest.raises(RuntimeError):
+        engine.step()
+    assert fired(fault)
+    while not engine.is_finished():
+        record(engine.step())
+    assert ended[short].token_ids == streamed[short] == reference[0][:2]
+    assert ended[long].token_ids == streamed[long] == reference[1]
+    assert_consistent(engine)

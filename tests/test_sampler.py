@@ -45,3 +45,14 @@ def test_a_tiny_temperature_is_greedy():
             tokens = Sampler()(logits, [tiny, SamplingParams(temperature=1.0)] * 3, [0] * 6)  # a mixed batch
             assert torch.equal(tokens[::2], logits[::2].argmax(dim=-1))
             assert torch.equal(Sampler()(logits, [tiny] * 6, [0] * 6), logits.argmax(dim=-1))
+
+
+def test_a_top_k_above_the_vocabulary_keeps_every_token_beside_a_row_that_cuts():
+    # top_k=1000 on a 5-token vocabulary is no cut, also in a batch where another row's top_k does cut.
+    n = 20000
+    torch.manual_seed(0)
+    params = [SamplingParams(temperature=1.0, top_k=2), SamplingParams(temperature=1.0, top_k=1000)] * (n // 2)
+    tokens = Sampler()(LOGITS.repeat(n, 1), params, list(range(n)))
+    assert tokens[::2].max() <= 1
+    frequencies = torch.bincount(tokens[1::2], minlength=len(LOGITS)).float() / (n // 2)
+    assert torch.allclose(frequencies, torch.softmax(LOGITS, dim=0), atol=0.02)

@@ -16,9 +16,9 @@ PROMPT_TOKEN = count(1)
 
 
 def config(**overrides):
-    return SimpleNamespace(**dict(max_num_seqs=4, max_num_batched_tokens=64, chunked_prefill_tokens=16,
-                                  max_model_len=32, eos_token_ids=(), enable_two_gpu_pd=False, kv_cache_block_size=4,
-                                  pd_policy="adaptive"), **overrides)
+    return SimpleNamespace(**dict(dict(max_num_seqs=4, max_num_batched_tokens=64, chunked_prefill_tokens=16,
+                                       max_model_len=32, eos_token_ids=(), enable_two_gpu_pd=False,
+                                       kv_cache_block_size=4, pd_policy="adaptive"), **overrides))
 
 
 def scheduler(num_blocks, **overrides):
@@ -114,3 +114,28 @@ def test_abort_frees_everything():
 def test_too_few_blocks_for_one_sequence_is_an_error():
     with pytest.raises(ValueError, match="too few for one sequence"):
         scheduler(8)
+
+
+def longest_accepted_max_model_len(num_blocks: int) -> int:
+    for max_model_len in range(4 * num_blocks, 0, -1):
+        try:
+            scheduler(num_blocks, max_model_len=max_model_len)
+            return max_model_len
+        except ValueError:
+            pass
+
+
+def test_a_pool_that_is_accepted_serves_the_longest_prompt():
+    """Admission keeps a watermark of blocks free (1% of the pool, at least one); a pool the capacity check
+    accepts must still admit and finish a prompt of max_model_len - 1 tokens, also where that is 2 blocks or more."""
+    for num_blocks in (50, 200, 400):
+        max_model_len = longest_accepted_max_model_len(num_blocks)
+        s = scheduler(num_blocks, max_model_len=max_model_len)
+        q = make(max_model_len - 1)
+        s.add(q)
+        steps = 0
+        while not s.is_finished() and steps < 1000:
+            step(s)
+            steps += 1
+        assert q.finish_reason == "length" and q.num_tokens == max_model_len, num_blocks
+        assert s.block_managers[0].num_free_blocks == num_blocks

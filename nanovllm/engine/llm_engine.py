@@ -71,7 +71,9 @@ class LLMEngine:
         self.init_workers()
         self.init_scheduler()
         self.requests: dict[int, Sequence] = {}  # accepted and not yet reported finished
-        self.undelivered: list[StepOutput] = []  # requests that ended outside a step (aborted, failed)
+        # Outputs step() has not returned yet: requests that ended outside a step (aborted, failed), and those of
+        # steps committed during a step() call that then raised (the next call returns them).
+        self.undelivered: list[StepOutput] = []
         self.transfers: list[tuple[KVTransfer, list[Sequence]]] = []
         self.stats = dict(prefill_tokens=0, decode_tokens=0, kv_bytes=0, kv_copies=0, kv_seconds=0.0)
         self.froze_heap = False  # see _freeze_heap
@@ -192,10 +194,10 @@ class LLMEngine:
         self.froze_heap = self.froze_heap or _freeze_heap()
         with self._rollback_on_failure():
             launched = self._launch()
-            outputs, collected = self._collect()
+            collected = self._collect()
             if not launched and not collected and not self._in_flight():
                 self._check_not_stalled()
-        outputs, self.undelivered = self.undelivered + outputs, []
+        outputs, self.undelivered = self.undelivered, []
         self._unfreeze_heap_if_idle()
         return outputs
 
@@ -217,22 +219,22 @@ class LLMEngine:
                 launched = True
         return launched
 
-    def _collect(self) -> tuple[list[StepOutput], bool]:
+    def _collect(self) -> bool:
         """Wait until a step or copy in flight is done, then commit every one that is."""
         if not self._any_done():
             self._wait_any()
-        outputs, collected = [], False
+        collected = False
         for transfer in [t for t in self.transfers if t[0].done()]:
             self._retire_transfer(transfer)
             collected = True
         for worker in self.workers:
             while worker.in_flight and worker.in_flight[0][1].done():
-                outputs += self._commit(worker)
+                self._commit(worker)
                 collected = True
         self._start_transfers()
-        return outputs, collected
+        return collected
 
-    def _commit(self, worker: Worker) -> list[StepOutput]:
+    def _commit(self, worker: Worker):
         batch, pending = worker.in_flight[0]
         token_ids = pending.get()
         results = self.scheduler.check_results(batch, token_ids)
@@ -240,7 +242,8 @@ class LLMEngine:
             worker.in_flight.popleft()
             self.scheduler.apply_results(batch, results)
             self._count(batch)
-            return [self._output(seq, token_id) for seq, token_id, _, _ in results]
+            # Kept on the engine, not returned: should a later commit in this step() fail, they still come out.
+            self.undelivered += [self._output(seq, token_id) for seq, token_id, _, _ in results]
 
     def _output(self, seq: Sequence, token_id: int | None) -> StepOutput:
         if not seq.is_finished:
@@ -355,19 +358,22 @@ class LLMEngine:
             raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
         params = [self._check_params(p) for p in params]
         encoded = [self._encode(prompt) for prompt in prompts]  # all checked before any is queued
-        request_ids = [self._add(token_ids, p) for token_ids, p in zip(encoded, params)]
+        request_ids = []
         try:
+            with _sigint_deferred():  # Ctrl-C waits until all are queued, and so are aborted below
+                request_ids += [self._add(token_ids, p) for token_ids, p in zip(encoded, params)]
             results = self._run_to_completion(request_ids, use_tqdm)
         except BaseException:
-            for request_id in request_ids:
-                self.abort_request(request_id)
-            mine = set(request_ids)
-            self.undelivered = [out for out in self.undelivered if out.request_id not in mine]
+            with _sigint_deferred():  # a second Ctrl-C must not leave half of them queued
+                for request_id in request_ids:
+                    self.abort_request(request_id)
+                mine = set(request_ids)
+                self.undelivered = [out for out in self.undelivered if out.request_id not in mine]
             raise
         return [self._result(results[i]) for i in request_ids]
 
     def _run_to_completion(self, request_ids: list[int], use_tqdm: bool) -> dict[int, StepOutput]:
-        mine, results = set(request_ids), {}
+        mine, results, others = set(request_ids), {}, []
         progress = tqdm(total=len(request_ids), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
         start, tokens = time.perf_counter(), 0
         try:
@@ -375,12 +381,16 @@ class LLMEngine:
                 outputs = self.step()
                 tokens += len(outputs)
                 for out in outputs:
-                    if out.finished and out.request_id in mine:
+                    if out.request_id not in mine:
+                        others.append(out)
+                    elif out.finished:
                         results[out.request_id] = out
                         progress.update(1)
                 progress.set_postfix(tok_per_s=f"{tokens / (time.perf_counter() - start):.0f}", refresh=False)
         finally:
             progress.close()
+            # Requests added with add_request() also ran: their outputs are for the caller's next step().
+            self.undelivered = others + self.undelivered
         return results
 
     def _result(self, out: StepOutput) -> dict:

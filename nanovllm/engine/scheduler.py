@@ -78,8 +78,9 @@ class Scheduler:
 
     def check_capacity(self):
         block_size = self.config.kv_cache_block_size
-        need = -(-self.config.max_model_len // block_size) + 1  # one sequence of max_model_len, and a spare
         for i, bm in enumerate(self.block_managers):
+            # One sequence of max_model_len, and the watermark that admission keeps free beside its prompt.
+            need = -(-self.config.max_model_len // block_size) + self.watermark(i)
             if bm.num_blocks < need:
                 side = f"worker {i}'s " if self.num_workers > 1 else ""
                 raise ValueError(

@@ -23,8 +23,9 @@ class Sampler:
         if any(0 < p.top_k < logits.size(1) or p.top_p < 1 for p in params):
             logits = logits.float() / temperatures.unsqueeze(1)
             temperatures = torch.ones_like(temperatures)
-            if any(0 < p.top_k < logits.size(1) for p in params):
-                logits = _top_k(logits, [p.top_k if p.top_k > 0 else logits.size(1) for p in params])
+            vocab_size = logits.size(1)
+            if any(0 < p.top_k < vocab_size for p in params):  # a top_k past the vocabulary cuts nothing
+                logits = _top_k(logits, [min(p.top_k, vocab_size) if p.top_k > 0 else vocab_size for p in params])
             if any(p.top_p < 1 for p in params):
                 logits = _top_p(logits, to_device([p.top_p for p in params], torch.float32, device))
         sampled = _gumbel_argmax(logits, temperatures)
