@@ -209,6 +209,23 @@ def test_the_heap_is_frozen_while_the_engine_has_work_and_only_then(qwen3_path, 
     gc.collect()
     assert engine() is None  # an engine that ran is still collected
 
+    dropped = LLM(qwen3_path, **SMALL)  # dropped mid-run (a step loop left by an exception, say)
+    dropped.add_request([1, 2, 3], GREEDY)
+    dropped.step()
+    assert gc.get_freeze_count() > 0
+    del dropped
+    assert gc.get_freeze_count() == 0  # given back as it was freed
+
+    dropped = LLM(qwen3_path, **SMALL)
+    dropped.on_output = dropped.step  # a reference cycle: only the collector can free it...
+    dropped.add_request([1, 2, 3], GREEDY)
+    dropped.step()
+    engine = weakref.ref(dropped)
+    del dropped
+    LLM(qwen3_path, **SMALL)  # ...and it may once another engine is built
+    gc.collect()
+    assert engine() is None
+
 
 def test_cpu_default_kv_budget_fits_one_sequence_of_a_big_model(qwen3_path, monkeypatch):
     """The CPU's default KV budget (1 GiB) holds less than max_model_len for big models (Qwen3-8B in fp32); then the

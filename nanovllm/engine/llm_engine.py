@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass
 
@@ -66,6 +67,7 @@ class LLMEngine:
     """
 
     def __init__(self, model: str, **kwargs):
+        _unfreeze_heap()  # an engine dropped while it had work may be garbage now: let the collector see it
         self.init_config(model, kwargs)
         self.init_tokenizer()
         self.init_workers()
@@ -76,7 +78,6 @@ class LLMEngine:
         self.undelivered: list[StepOutput] = []
         self.transfers: list[tuple[KVTransfer, list[Sequence]]] = []
         self.stats = dict(prefill_tokens=0, decode_tokens=0, kv_bytes=0, kv_copies=0, kv_seconds=0.0)
-        self.froze_heap = False  # see _freeze_heap
 
     def init_config(self, model: str, kwargs: dict):
         known = {f.name for f in dataclasses.fields(Config)} - {"model", "hf_config", "eos_token_ids"}
@@ -185,13 +186,13 @@ class LLMEngine:
         at exit and when the engine is garbage-collected; a no-op without tensor parallelism."""
         for worker in getattr(self, "workers", []):
             worker.runner.close()
-        self._unfreeze_heap_if_idle(closing=True)
+        _unfreeze_heap(self)
 
     # ---- the step loop ----
 
     def step(self) -> list[StepOutput]:
         """Launch the next step on every worker, then collect what is done. Some tokens arrive one step late."""
-        self.froze_heap = self.froze_heap or _freeze_heap()
+        _freeze_heap(self)
         with self._rollback_on_failure():
             launched = self._launch()
             collected = self._collect()
@@ -201,10 +202,9 @@ class LLMEngine:
         self._unfreeze_heap_if_idle()
         return outputs
 
-    def _unfreeze_heap_if_idle(self, closing: bool = False):
-        if getattr(self, "froze_heap", False) and (closing or self.scheduler.is_finished()):
-            gc.unfreeze()
-            self.froze_heap = False
+    def _unfreeze_heap_if_idle(self):
+        if self.scheduler.is_finished():
+            _unfreeze_heap(self)
 
     def _launch(self) -> bool:
         launched = False
@@ -430,19 +430,31 @@ def _load_tokenizer(model_dir: str):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-def _freeze_heap() -> bool:
-    """Keep Python's cycle collector off every object alive now, while the engine has work (gc.freeze).
+_heap_frozen_for = None  # weak reference to the engine whose work froze the heap, if one did
+
+
+def _freeze_heap(engine: "LLMEngine"):
+    """Keep Python's cycle collector off every object alive now, while `engine` has work (gc.freeze).
 
     With torch and transformers loaded, a process tracks a few hundred thousand objects, and a full collection
     walks them all: 0.17 s between two steps on a 2-core CPU (benchmarks/step_trace.py --device cpu), and likely
     the one 0.35 s idle gap of an H200 trace; it comes once or more per run, whenever enough new objects have
-    survived. Frozen, a full collection walks only what the run created. Given back (gc.unfreeze) once the
-    engine is idle, so that nothing that dies later, another engine included, is kept from the collector for
-    long. Not if the heap is frozen already (by the user, or by another engine): theirs to manage."""
-    if gc.get_freeze_count():
-        return False
-    gc.freeze()
-    return True
+    survived. Frozen, a full collection walks only what the run created. Given back (`_unfreeze_heap`) once the
+    engine is idle or closed, or when another engine is built, so that nothing that dies later (an engine
+    dropped mid-run included) is kept from the collector for long. Not if the heap is frozen already (by the
+    user, or for another engine): theirs to manage."""
+    global _heap_frozen_for
+    if _heap_frozen_for is None and not gc.get_freeze_count():
+        gc.freeze()
+        _heap_frozen_for = weakref.ref(engine, lambda _: _unfreeze_heap())  # also if it is freed mid-run
+
+
+def _unfreeze_heap(engine: "LLMEngine | None" = None):
+    """Undo _freeze_heap, if it froze the heap for `engine` (None: for whichever engine)."""
+    global _heap_frozen_for
+    if _heap_frozen_for is not None and (engine is None or _heap_frozen_for() is engine):
+        gc.unfreeze()
+        _heap_frozen_for = None
 
 
 def _eos_token_ids(config: Config, tokenizer) -> tuple[int, ...]:
