@@ -10,6 +10,8 @@ Then it sums them up by kind: decode-only steps by batch size, with their bandwi
 copy ceiling; steps with prompt tokens; idle gaps. A step whose host launch time is close to its GPU time
 is host-bound: the GPU waited inside it for kernels to be enqueued.
 """
+import contextlib
+import gc
 import json
 import os
 import sys
@@ -69,6 +71,27 @@ def allocator_counts(runner) -> dict:
     return {k: stats.get(k, 0) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")}
 
 
+@contextlib.contextmanager
+def gc_pauses(pauses: dict):
+    """Collections of Python's cycle collector in the block, by generation: [count, total ms, longest ms]. A full
+    (generation 2) collection walks every object not frozen; the engine freezes its start-up heap while it works."""
+    started = [0.0]
+
+    def callback(phase, info):
+        if phase == "start":
+            started[0] = time.perf_counter()
+            return
+        ms = (time.perf_counter() - started[0]) * 1e3
+        count, total, longest = pauses.get(info["generation"], (0, 0.0, 0.0))
+        pauses[info["generation"]] = (count + 1, total + ms, max(longest, ms))
+
+    gc.callbacks.append(callback)
+    try:
+        yield pauses
+    finally:
+        gc.callbacks.remove(callback)
+
+
 def summarize(records: list, hf, copy_gb_s: float, wall_s: float) -> dict:
     weight_bytes, kv_bytes = bench.step_bytes(hf)
     previous_end = None
@@ -89,8 +112,10 @@ def summarize(records: list, hf, copy_gb_s: float, wall_s: float) -> dict:
             rows.append(_row(name, steps, copy_gb_s))
     gpu_s = sum(r["gpu_ms"] for r in records) / 1e3
     gaps_s = sum(r["gap_ms"] for r in records) / 1e3
+    longest = max(range(len(records)), key=lambda i: records[i]["gap_ms"], default=None)
     return dict(wall_s=wall_s, steps=len(records), gpu_s=gpu_s, idle_gaps_s=gaps_s,
-                idle_gap_fraction=gaps_s / wall_s, rows=rows)
+                idle_gap_fraction=gaps_s / wall_s, rows=rows,
+                longest_gap=dict(step=longest, ms=records[longest]["gap_ms"]) if longest is not None else None)
 
 
 def _row(name: str, steps: list, copy_gb_s: float) -> dict:
@@ -119,10 +144,12 @@ def main():
     trace_launches(runner, records)
     bench._synchronize([str(runner.device)])
     before = allocator_counts(runner)
-    _, wall_s = bench.drive(llm, requests, args.timeout)
+    with gc_pauses({}) as pauses:
+        _, wall_s = bench.drive(llm, requests, args.timeout)
     bench._synchronize([str(runner.device)])
     summary = summarize(records, hf, setup["ceilings"]["copy_gb_s"], wall_s)
     summary["allocator"] = {k: v - before[k] for k, v in allocator_counts(runner).items()}
+    summary["gc"] = {f"generation {g}": dict(collections=c, total_ms=t, longest_ms=m) for g, (c, t, m) in sorted(pauses.items())}
     summary.update(options=args.option, ceilings=setup["ceilings"], roofline=setup["roofline"],
                    gpu=torch.cuda.get_device_name(runner.device) if runner.is_cuda else "cpu",
                    output_tok_s=setup["roofline"]["output_tokens"] / wall_s)
@@ -137,6 +164,10 @@ def main():
               f"{r['host_bound_steps']:>11}{r['gb_s']:>8.0f}{r['of_copy']:>8.1%}{r['prompt_tokens']:>11}"
               f"{r['gaps_s']:>8.2f}")
     print("during the run, the caching allocator's", ", ".join(f"{k}: {v}" for k, v in summary["allocator"].items()))
+    if summary["longest_gap"]:
+        print(f"longest idle gap: {summary['longest_gap']['ms']:.1f} ms, before step {summary['longest_gap']['step']}")
+    print("Python's cycle collector:", "; ".join(f"{g}: {v['collections']} collections, {v['total_ms']:.1f} ms, "
+                                                f"longest {v['longest_ms']:.1f} ms" for g, v in summary["gc"].items()) or "no collections")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(summary=summary, steps=records), f)

@@ -6,6 +6,7 @@ bf16, else the CPU in fp32 through Triton's interpreter.
 
 No timings are asserted: only that every mode ran, and that its numbers exist and agree with each other.
 """
+import gc
 import json
 import os
 import subprocess
@@ -67,6 +68,17 @@ def test_step_trace_accounts_for_every_step(qwen3_path, tmp_path):
     # Each request's first token comes from its prompt's step, every later one from a decode.
     assert sum(step["decodes"] for step in steps) == summary["roofline"]["output_tokens"] - 4
     assert all(step["gpu_ms"] > 0 for step in steps)
+    assert summary["longest_gap"]["ms"] == max(step["gap_ms"] for step in steps)
+    assert "gc" in summary and "cycle collector" in run.stdout
+
+
+def test_step_trace_times_the_collections_of_the_cycle_collector():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import step_trace
+    with step_trace.gc_pauses({}) as pauses:
+        gc.collect()  # a full collection
+        gc.collect(0)
+    assert pauses[2][0] == 1 and pauses[0][0] >= 1 and pauses[2][2] > 0
 
 
 def test_online_measures_latency_of_every_request(qwen3_path, tmp_path):
