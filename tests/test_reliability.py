@@ -208,38 +208,29 @@ def test_interrupted_generate_leaves_nothing_behind(qwen3_path, reference):
     assert_consistent(llm)
 
 
-def test_ctrl_c_again_while_generate_cleans_up_leaves_nothing_behind(qwen3_path, reference):
-    """An impatient user presses Ctrl-C twice: the second lands while generate() aborts its requests."""
-    llm = LLM(qwen3_path, **MODES["single"])
-    Fault(llm.workers[0].runner, "launch", decode, KeyboardInterrupt())
-    abort = llm.abort_request
+def press_ctrl_c_after_each_call(obj, name: str):
+    """Wrap obj.<name> so that a real SIGINT arrives right after each call returns (undo: del obj.<name>)."""
+    method = getattr(obj, name)
 
-    def abort_and_press_ctrl_c_again(request_id):
-        aborted = abort(request_id)
+    def pressed(*args):
+        result = method(*args)
         os.kill(os.getpid(), signal.SIGINT)
-        return aborted
+        return result
 
-    llm.abort_request = abort_and_press_ctrl_c_again
+    setattr(obj, name, pressed)
+
+
+@pytest.mark.parametrize("pressed_after", ["_add", "abort_request"])
+def test_ctrl_c_while_generate_queues_or_aborts_its_requests_leaves_nothing_behind(pressed_after, qwen3_path,
+                                                                                   reference):
+    """An impatient user presses Ctrl-C while generate() queues its requests, or again while it aborts them."""
+    llm = LLM(qwen3_path, **MODES["single"])
+    if pressed_after == "abort_request":  # the first Ctrl-C, in a step, makes generate() abort its requests
+        Fault(llm.workers[0].runner, "launch", decode, KeyboardInterrupt())
+    press_ctrl_c_after_each_call(llm, pressed_after)
     with pytest.raises(KeyboardInterrupt):
         llm.generate(PROMPTS, GREEDY, use_tqdm=False)
-    del llm.abort_request
-    assert_consistent(llm)
-    assert tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == reference
-
-
-def test_ctrl_c_while_generate_queues_its_requests_leaves_nothing_behind(qwen3_path, reference):
-    llm = LLM(qwen3_path, **MODES["single"])
-    add = llm._add
-
-    def add_and_press_ctrl_c(*args):
-        request_id = add(*args)
-        os.kill(os.getpid(), signal.SIGINT)
-        return request_id
-
-    llm._add = add_and_press_ctrl_c
-    with pytest.raises(KeyboardInterrupt):
-        llm.generate(PROMPTS, GREEDY, use_tqdm=False)
-    del llm._add
+    delattr(llm, pressed_after)
     assert_consistent(llm)
     assert tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == reference
 
