@@ -55,6 +55,7 @@ class Config:
         self.hf_config = load_hf_config(self.model)
         self._check_tensor_parallel_split()
         self.max_model_len = min(self.max_model_len, self.hf_config.max_position_embeddings)
+        self._check_sliding_window()
         if not self.chunked_prefill_tokens and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_model_len "
                              f"({self.max_model_len}) when chunked_prefill_tokens is 0: a prompt is then "
@@ -150,6 +151,19 @@ class Config:
         if kv_heads % tp and tp % kv_heads:
             raise ValueError(f"tensor_parallel_size={tp} and the model's num_key_value_heads ({kv_heads}) must "
                              f"divide one another")
+
+    def _check_sliding_window(self):
+        """Every layer here attends over the whole sequence. A sliding-window layer (Qwen2/Qwen3 with
+        use_sliding_window) attends only to its last `sliding_window` tokens: the same while sequences fit in the
+        window, something else beyond it, so max_model_len must fit."""
+        hf = self.hf_config
+        window = getattr(hf, "sliding_window", None)  # None when use_sliding_window is off
+        sliding = [i for i, kind in enumerate(getattr(hf, "layer_types", None) or []) if kind == "sliding_attention"]
+        if sliding and window is not None and self.max_model_len > window:
+            raise ValueError(f"{self.model}: sliding-window attention (use_sliding_window, sliding_window={window}) "
+                             f"in layer(s) {', '.join(map(str, sliding))} is not implemented here, and gives the "
+                             f"same result only while a sequence fits in the window: pass max_model_len <= {window} "
+                             f"(now {self.max_model_len})")
 
     def _resolve_dtype(self) -> torch.dtype:
         if self.dtype is None:

@@ -198,6 +198,19 @@ def test_unsupported_architecture(qwen3_path, tmp_path):
         LLM(path, **SMALL)
 
 
+def test_sliding_window_attention_is_refused_unless_sequences_fit_in_the_window(qwen3_path, tmp_path, no_weights_load):
+    """The engine attends over the whole sequence; a sliding-window layer (Qwen2/Qwen3 with use_sliding_window)
+    attends like that only while the sequence fits in its window, and must not silently compute something else."""
+    path = _broken_copy(qwen3_path, tmp_path / "m", lambda c: c.update(
+        use_sliding_window=True, sliding_window=32, layer_types=["full_attention", "sliding_attention"]))
+    with pytest.raises(ValueError, match=r"sliding_window=32\) in layer\(s\) 1 .*max_model_len <= 32"):
+        Config(path, **dict(SMALL, max_model_len=64))
+    assert Config(path, **dict(SMALL, max_model_len=32)).max_model_len == 32  # full attention there
+    unused = _broken_copy(qwen3_path, tmp_path / "u", lambda c: c.update(use_sliding_window=False, sliding_window=32,
+                                                                          layer_types=None))
+    Config(unused, **dict(SMALL, max_model_len=64))  # a window that use_sliding_window turns off is no matter
+
+
 def test_weights_that_do_not_match_the_config(qwen3_path, tmp_path):
     path = _broken_copy(qwen3_path, tmp_path / "m", lambda c: c.update(intermediate_size=256))
     with pytest.raises(ValueError, match="does not match"):
