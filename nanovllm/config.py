@@ -115,15 +115,23 @@ class Config:
                 self.enable_two_gpu_pd = False
                 self.device = self.prefill_device_id if _exists(self.prefill_device_id) else None
         if not self.enable_two_gpu_pd:
-            device = resolve_device(self.device)
+            device = self._resolve_option("device")
             tp, count = self.tensor_parallel_size, torch.cuda.device_count()
             if device.type == "cuda" and device.index + tp > count:
                 raise ValueError(f"tensor_parallel_size={tp} needs GPUs {device} to cuda:{device.index + tp - 1}; "
                                  f"this machine has {count} CUDA device(s)")
             self.device = str(device)
 
+    def _resolve_option(self, name: str) -> torch.device:
+        """The device that option `name` asks for; an error names the option (there are three)."""
+        spec = getattr(self, name)
+        try:
+            return resolve_device(spec)
+        except ValueError as e:
+            raise ValueError(f"{name}={spec!r}: {e}") from None
+
     def _resolve_pd_devices(self):
-        prefill, decode = resolve_device(self.prefill_device_id), resolve_device(self.decode_device_id)
+        prefill, decode = self._resolve_option("prefill_device_id"), self._resolve_option("decode_device_id")
         if prefill.type != decode.type:
             raise ValueError(f"prefill and decode devices must be of one type, got {prefill} and {decode}")
         if prefill.type == "cuda" and prefill == decode:
