@@ -274,6 +274,13 @@ def test_bad_config_values(qwen3_path):
         LLM(qwen3_path, **dict(SMALL, num_kv_cache_blocks=2))
 
 
+def test_what_the_engine_sets_is_not_an_option(qwen3_path, no_weights_load):
+    for name in ("kv_via_host", "eos_token_ids", "hf_config"):
+        with pytest.raises(TypeError, match=f"^unknown option\\(s\\) {name}; valid options: ") as error:
+            LLM(qwen3_path, **SMALL, **{name: True})
+        assert not {"kv_via_host", "eos_token_ids", "hf_config"} & set(str(error.value).split(": ")[-1].split(", "))
+
+
 def test_block_size_must_be_a_power_of_two(qwen3_path):
     with pytest.raises(ValueError, match="power of two"):
         LLM(qwen3_path, **dict(SMALL, kv_cache_block_size=48))

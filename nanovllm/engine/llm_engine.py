@@ -79,7 +79,8 @@ class LLMEngine:
         self.froze_heap = False  # see _freeze_heap
 
     def init_config(self, model: str, kwargs: dict):
-        known = {f.name for f in dataclasses.fields(Config)} - {"model", "hf_config", "eos_token_ids"}
+        # Fields that are not init arguments (eos_token_ids, kv_via_host) are the engine's to set, as is hf_config.
+        known = {f.name for f in dataclasses.fields(Config) if f.init} - {"model", "hf_config"}
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise TypeError(f"unknown option(s) {', '.join(unknown)}; valid options: {', '.join(sorted(known))}")
