@@ -2,6 +2,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -284,3 +286,12 @@ def test_what_the_engine_sets_is_not_an_option(qwen3_path, no_weights_load):
 def test_block_size_must_be_a_power_of_two(qwen3_path):
     with pytest.raises(ValueError, match="power of two"):
         LLM(qwen3_path, **dict(SMALL, kv_cache_block_size=48))
+
+
+@pytest.mark.parametrize("flags, message", [(["--max-tokens", "0"], "--max-tokens: must be a positive integer, got '0'"),
+                                            (["--model", "/no/such/dir"], "--model /no/such/dir: no config.json there")])
+def test_the_example_refuses_bad_flags_before_loading_a_model(flags, message):
+    example = Path(__file__).resolve().parents[1] / "example_two_gpu.py"
+    run = subprocess.run([sys.executable, str(example), *flags], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(example.parent)))
+    assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]
