@@ -51,6 +51,14 @@ from multiprocessing.connection import wait
 
 MODES = ("single", "dp", "pd", "pd-static", "tp", "hf")
 SIBLING_FAILED = "stopped: another process of this mode failed"
+# Engine options bench.py sets itself, from its own flags or per mode: an --option for one would clash or be ignored.
+OWN_OPTIONS = {"max_model_len": "--max-model-len", "enforce_eager": "--enforce-eager", "tensor_parallel_size": "--tp-size",
+               "device": "--device and --modes", "enable_two_gpu_pd": "--modes", "prefill_device_id": "--modes",
+               "decode_device_id": "--modes"}
+
+
+class BadArgument(Exception):
+    """An argument found wrong only once the model is known (in the probe): reported as a message, no traceback."""
 
 
 # ---- arguments ----
@@ -75,7 +83,7 @@ def parse_args(argv=None):
                    help="comma-separated request rates in req/s: latency under Poisson arrivals, not throughput")
     p.add_argument("--slo-ttft-ms", type=float, default=1000.0, help="goodput: time to first token at most this")
     p.add_argument("--slo-tpot-ms", type=float, default=100.0, help="goodput: time per output token at most this")
-    p.add_argument("--timeout", type=float, default=600.0,
+    p.add_argument("--timeout", type=_positive_float, default=600.0,
                    help="seconds: a timed run not done this long after its last arrival fails, and so does a "
                         "process that takes longer than this to load its model (no hangs)")
     p.add_argument("--device", choices=["cpu"], help="run everything on the CPU (pd: both sides on the CPU)")
@@ -93,6 +101,17 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} {low} {high}: MIN must not exceed MAX")
     if args.online and args.modes and "hf" in args.modes:
         p.error("--modes: hf has no online mode (transformers' generate takes no requests while it runs)")
+    if args.model and not os.path.isfile(os.path.join(args.model, "config.json")):
+        p.error(f"--model {args.model}: no config.json there (expected a Hugging Face-format checkpoint directory)")
+    if args.input_len[1] + args.output_len[1] > args.max_model_len:
+        p.error(f"requests of up to {args.input_len[1]} + {args.output_len[1]} tokens do not fit in --max-model-len "
+                f"{args.max_model_len}: the longest could not get all their tokens")
+    for pair in args.option:
+        key, equals, _ = pair.partition("=")
+        if not equals:
+            p.error(f"--option {pair!r}: expected KEY=VALUE")
+        if key in OWN_OPTIONS:
+            p.error(f"--option {key}: bench.py sets it; use {OWN_OPTIONS[key]}")
     return args
 
 
@@ -112,6 +131,16 @@ def _rates(text: str) -> list[float]:
     if not all(0 < r < math.inf for r in rates) or len(set(rates)) < len(rates):
         raise argparse.ArgumentTypeError(f"request rates must be positive and distinct, got {text!r}")
     return rates
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -200,6 +229,8 @@ def worker_main(mode: str, rank: int, args, runs: list[list[Request]], barrier, 
             serve(mode, rank, args, runs, barrier, conn.send)
     except threading.BrokenBarrierError:
         conn.send({"error": SIBLING_FAILED})
+    except BadArgument as e:
+        conn.send({"error": str(e)})
     except Exception as e:
         traceback.print_exc()
         barrier.abort()  # the mode's other processes must not wait for this one at the start line
@@ -375,13 +406,21 @@ def probe(args) -> dict:
     import torch
     from transformers import AutoConfig
     if args.random_model:
-        from nanovllm.utils.checkpoints import make_random_checkpoint
+        from nanovllm.utils.checkpoints import PRESETS, make_random_checkpoint
+        if args.random_model not in PRESETS:
+            raise BadArgument(f"--random-model {args.random_model!r}: not a known shape; choose from "
+                              f"{', '.join(sorted(PRESETS))}")
         args.model = make_random_checkpoint(os.path.join(args.cache_dir, f"random-{args.random_model}"),
                                             args.random_model)
+    hf_config = AutoConfig.from_pretrained(args.model)
+    longest = args.input_len[1] + args.output_len[1]
+    if longest > hf_config.max_position_embeddings:  # which also caps the engine's max_model_len
+        raise BadArgument(f"requests of up to {args.input_len[1]} + {args.output_len[1]} tokens do not fit in the "
+                          f"model's max_position_embeddings ({hf_config.max_position_embeddings})")
     result = dict(model=args.model, machine=_machine())
     if not args.online:
         ceilings = measure_device("cpu" if args.device == "cpu" or not torch.cuda.is_available() else "cuda:0")
-        result.update(ceilings=ceilings, roofline=roofline(args, AutoConfig.from_pretrained(args.model), ceilings))
+        result.update(ceilings=ceilings, roofline=roofline(args, hf_config, ceilings))
     return result
 
 

@@ -65,11 +65,19 @@ def engine_options() -> dict:
     return dict(enable_two_gpu_pd=True, prefill_device_id="cpu", decode_device_id="cpu")
 
 
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="Hugging Face-format checkpoint directory")
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens", type=positive_int, default=64, help="tokens per completion at most")
     args = parser.parse_args()
+    if args.model and not os.path.isfile(os.path.join(args.model, "config.json")):  # before any model loads
+        parser.error(f"--model {args.model}: no config.json there (expected a Hugging Face-format checkpoint directory)")
     model, warning = (args.model, None) if args.model else default_model()
     llm = LLM(model, max_model_len=1024, **engine_options())
     tokenizer = llm.tokenizer

@@ -55,6 +55,7 @@ class Config:
         self.hf_config = load_hf_config(self.model)
         self._check_tensor_parallel_split()
         self.max_model_len = min(self.max_model_len, self.hf_config.max_position_embeddings)
+        self._check_sliding_window()
         if not self.chunked_prefill_tokens and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_model_len "
                              f"({self.max_model_len}) when chunked_prefill_tokens is 0: a prompt is then "
@@ -114,15 +115,23 @@ class Config:
                 self.enable_two_gpu_pd = False
                 self.device = self.prefill_device_id if _exists(self.prefill_device_id) else None
         if not self.enable_two_gpu_pd:
-            device = resolve_device(self.device)
+            device = self._resolve_option("device")
             tp, count = self.tensor_parallel_size, torch.cuda.device_count()
             if device.type == "cuda" and device.index + tp > count:
                 raise ValueError(f"tensor_parallel_size={tp} needs GPUs {device} to cuda:{device.index + tp - 1}; "
                                  f"this machine has {count} CUDA device(s)")
             self.device = str(device)
 
+    def _resolve_option(self, name: str) -> torch.device:
+        """The device that option `name` asks for; an error names the option (there are three)."""
+        spec = getattr(self, name)
+        try:
+            return resolve_device(spec)
+        except ValueError as e:
+            raise ValueError(f"{name}={spec!r}: {e}") from None
+
     def _resolve_pd_devices(self):
-        prefill, decode = resolve_device(self.prefill_device_id), resolve_device(self.decode_device_id)
+        prefill, decode = self._resolve_option("prefill_device_id"), self._resolve_option("decode_device_id")
         if prefill.type != decode.type:
             raise ValueError(f"prefill and decode devices must be of one type, got {prefill} and {decode}")
         if prefill.type == "cuda" and prefill == decode:
@@ -150,6 +159,19 @@ class Config:
         if kv_heads % tp and tp % kv_heads:
             raise ValueError(f"tensor_parallel_size={tp} and the model's num_key_value_heads ({kv_heads}) must "
                              f"divide one another")
+
+    def _check_sliding_window(self):
+        """Every layer here attends over the whole sequence. A sliding-window layer (Qwen2/Qwen3 with
+        use_sliding_window) attends only to its last `sliding_window` tokens: the same while sequences fit in the
+        window, something else beyond it, so max_model_len must fit."""
+        hf = self.hf_config
+        window = getattr(hf, "sliding_window", None)  # None when use_sliding_window is off
+        sliding = [i for i, kind in enumerate(getattr(hf, "layer_types", None) or []) if kind == "sliding_attention"]
+        if sliding and window is not None and self.max_model_len > window:
+            raise ValueError(f"{self.model}: sliding-window attention (use_sliding_window, sliding_window={window}) "
+                             f"in layer(s) {', '.join(map(str, sliding))} is not implemented here, and gives the "
+                             f"same result only while a sequence fits in the window: pass max_model_len <= {window} "
+                             f"(now {self.max_model_len})")
 
     def _resolve_dtype(self) -> torch.dtype:
         if self.dtype is None:

@@ -18,6 +18,8 @@ import torch
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import bench  # noqa: E402
 
 
 def run_bench(model: str, out: Path, *flags) -> subprocess.CompletedProcess:
@@ -110,3 +112,31 @@ def test_online_measures_latency_of_every_request(qwen3_path, tmp_path):
 def test_decode_kernel_benchmark_checks_correctness():
     subprocess.run([sys.executable, str(ROOT / "tests" / "bench_decode_kernel.py"), "--check-only", "--tiny"],
                    check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "/no/such/dir"], "--model /no/such/dir: no config.json there"),
+    (["--timeout", "0"], "--timeout: must be a positive number"),
+    (["--timeout", "-1"], "--timeout: must be a positive number"),
+    (["--input-len", "50", "60", "--output-len", "10", "20", "--max-model-len", "64"],
+     "requests of up to 60 + 20 tokens do not fit in --max-model-len 64"),
+    (["--option", "max_model_len=64"], "--option max_model_len: bench.py sets it; use --max-model-len"),
+    (["--option", "device=cuda:1"], "--option device: bench.py sets it; use --device and --modes"),
+    (["--option", "pd_policy"], "--option 'pd_policy': expected KEY=VALUE"),
+])
+def test_bad_arguments_fail_before_anything_runs(qwen3_path, flags, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        bench.parse_args(["--model", qwen3_path, *flags])
+    assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_arguments_that_need_the_model_fail_with_a_message_not_a_traceback(qwen3_path, tmp_path):
+    run = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--random-model", "qwen3-huge", "--device", "cpu",
+                          "--cache-dir", str(tmp_path)], capture_output=True, text=True)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-4000:]
+    assert run.stderr.strip().endswith("--random-model 'qwen3-huge': not a known shape; choose from llama-tiny, "
+                                       "qwen2-tiny, qwen3-0.6b, qwen3-8b, qwen3-tiny")
+    args = bench.parse_args(["--model", qwen3_path, "--input-len", "1000", "1000", "--output-len", "30", "30"])
+    with pytest.raises(bench.BadArgument, match=r"up to 1000 \+ 30 tokens do not fit in the model's "
+                                                r"max_position_embeddings \(1024\)"):
+        bench.probe(args)

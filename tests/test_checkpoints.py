@@ -84,3 +84,15 @@ def test_a_half_written_directory_from_before_is_named_not_loaded(tmp_path):
     (path / "model.safetensors").write_bytes(b"half")
     with pytest.raises(RuntimeError, match=f"cannot write a checkpoint to {path}: it exists, is not empty"):
         checkpoints.make_random_checkpoint(str(path), "qwen3-tiny")
+
+
+def test_a_checkpoint_of_another_shape_at_the_path_is_named_not_kept(tmp_path):
+    """`python -m nanovllm.utils.checkpoints random llama-tiny DIR` over a DIR that holds a Qwen3 must not print DIR
+    as if it were the Llama asked for."""
+    path = checkpoints.make_random_checkpoint(str(tmp_path / "m"), "qwen3-tiny")
+    with pytest.raises(RuntimeError, match=f"^{path} holds a checkpoint of another shape: model_type is 'qwen3', "
+                                           f"not 'llama'"):
+        checkpoints.make_random_checkpoint(path, "llama-tiny")
+    with pytest.raises(RuntimeError, match="hidden_size is 64, not 128"):
+        checkpoints.make_random_checkpoint(path, "qwen3-tiny", hidden_size=128)
+    assert checkpoints.make_random_checkpoint(path, "qwen3-tiny", seed=1) == path  # the same shape is kept

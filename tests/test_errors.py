@@ -2,6 +2,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -198,6 +200,19 @@ def test_unsupported_architecture(qwen3_path, tmp_path):
         LLM(path, **SMALL)
 
 
+def test_sliding_window_attention_is_refused_unless_sequences_fit_in_the_window(qwen3_path, tmp_path, no_weights_load):
+    """The engine attends over the whole sequence; a sliding-window layer (Qwen2/Qwen3 with use_sliding_window)
+    attends like that only while the sequence fits in its window, and must not silently compute something else."""
+    path = _broken_copy(qwen3_path, tmp_path / "m", lambda c: c.update(
+        use_sliding_window=True, sliding_window=32, layer_types=["full_attention", "sliding_attention"]))
+    with pytest.raises(ValueError, match=r"sliding_window=32\) in layer\(s\) 1 .*max_model_len <= 32"):
+        Config(path, **dict(SMALL, max_model_len=64))
+    assert Config(path, **dict(SMALL, max_model_len=32)).max_model_len == 32  # full attention there
+    unused = _broken_copy(qwen3_path, tmp_path / "u", lambda c: c.update(use_sliding_window=False, sliding_window=32,
+                                                                          layer_types=None))
+    Config(unused, **dict(SMALL, max_model_len=64))  # a window that use_sliding_window turns off is no matter
+
+
 def test_weights_that_do_not_match_the_config(qwen3_path, tmp_path):
     path = _broken_copy(qwen3_path, tmp_path / "m", lambda c: c.update(intermediate_size=256))
     with pytest.raises(ValueError, match="does not match"):
@@ -261,6 +276,22 @@ def test_bad_config_values(qwen3_path):
         LLM(qwen3_path, **dict(SMALL, num_kv_cache_blocks=2))
 
 
+def test_what_the_engine_sets_is_not_an_option(qwen3_path, no_weights_load):
+    for name in ("kv_via_host", "eos_token_ids", "hf_config"):
+        with pytest.raises(TypeError, match=f"^unknown option\\(s\\) {name}; valid options: ") as error:
+            LLM(qwen3_path, **SMALL, **{name: True})
+        assert not {"kv_via_host", "eos_token_ids", "hf_config"} & set(str(error.value).split(": ")[-1].split(", "))
+
+
 def test_block_size_must_be_a_power_of_two(qwen3_path):
     with pytest.raises(ValueError, match="power of two"):
         LLM(qwen3_path, **dict(SMALL, kv_cache_block_size=48))
+
+
+@pytest.mark.parametrize("flags, message", [(["--max-tokens", "0"], "--max-tokens: must be a positive integer, got '0'"),
+                                            (["--model", "/no/such/dir"], "--model /no/such/dir: no config.json there")])
+def test_the_example_refuses_bad_flags_before_loading_a_model(flags, message):
+    example = Path(__file__).resolve().parents[1] / "example_two_gpu.py"
+    run = subprocess.run([sys.executable, str(example), *flags], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(example.parent)))
+    assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]

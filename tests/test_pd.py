@@ -86,6 +86,22 @@ def test_bad_pd_configs(qwen3_path, monkeypatch):
         LLM(qwen3_path, **dict(PD, prefill_device_id=1, decode_device_id="cuda:1"))
 
 
+def test_a_bad_device_is_named_by_its_option(qwen3_path, monkeypatch):
+    """Which of the three device options is wrong, and what it was set to. `device` does not place a PD engine:
+    with device="cpu" and PD's default GPUs 0 and 1, on a machine without GPUs, the error names prefill_device_id."""
+    from nanovllm.config import Config
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without GPUs (config only)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    for options, message in [(dict(PD, decode_device_id=99), "decode_device_id=99: GPU 99 does not exist"),
+                             (dict(PD, prefill_device_id="gpu"), "prefill_device_id='gpu': invalid device"),
+                             (dict(PD, decode_device_id=-1), "decode_device_id=-1: invalid device"),
+                             (dict(COMMON, enable_two_gpu_pd=True, device="cpu"), "prefill_device_id=0: GPU 0 does"),
+                             (dict(COMMON, device="cuda:1"), "device='cuda:1': GPU 'cuda:1' does not exist"),
+                             (dict(COMMON, device="mps"), "device='mps': device must be cuda or cpu")]:
+        with pytest.raises(ValueError, match=f"^{message}"):
+            Config(qwen3_path, **options)
+
+
 def decode_counts(llm) -> list[int]:
     """Count the decode tokens each worker runs, by wrapping its runner."""
     counts = [0] * len(llm.workers)

@@ -80,7 +80,8 @@ class LLMEngine:
         self.stats = dict(prefill_tokens=0, decode_tokens=0, kv_bytes=0, kv_copies=0, kv_seconds=0.0)
 
     def init_config(self, model: str, kwargs: dict):
-        known = {f.name for f in dataclasses.fields(Config)} - {"model", "hf_config", "eos_token_ids"}
+        # Fields that are not init arguments (eos_token_ids, kv_via_host) are the engine's to set, as is hf_config.
+        known = {f.name for f in dataclasses.fields(Config) if f.init} - {"model", "hf_config"}
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise TypeError(f"unknown option(s) {', '.join(unknown)}; valid options: {', '.join(sorted(known))}")

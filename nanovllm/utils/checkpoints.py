@@ -73,9 +73,10 @@ def make_random_checkpoint(path: str, preset: str = "qwen3-tiny", seed: int = 0,
     cores, without building the model: a Qwen3-8B shape takes about a minute on 16 cores.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
-    if _is_complete(path):
-        return path
     spec = dict(PRESETS[preset], **overrides)
+    if _is_complete(path):
+        _check_shape(path, spec)
+        return path
     model_type = spec.pop("model_type")
     tokenizer = make_tokenizer(min(512, spec["vocab_size"]))
     config = AutoConfig.for_model(model_type, **spec, initializer_range=initializer_range,
@@ -163,6 +164,16 @@ def convert_smollm2(path: str) -> str:
 def _is_complete(path: str) -> bool:
     # A checkpoint only ever appears whole (_written_whole), so its config.json says it is complete.
     return os.path.exists(os.path.join(path, "config.json"))
+
+
+def _check_shape(path: str, spec: dict):
+    """A checkpoint kept at `path` must be of the shape asked for, else the caller would take it for what it asked."""
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    for key, wanted in spec.items():
+        if key in config and config[key] != wanted:  # transformers 5 keeps rope_theta in rope_parameters
+            raise RuntimeError(f"{path} holds a checkpoint of another shape: {key} is {config[key]!r}, not {wanted!r}; "
+                               f"remove it, or give another path")
 
 
 @contextlib.contextmanager
