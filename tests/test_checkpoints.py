@@ -6,11 +6,13 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import hf_greedy, random_prompts
 from nanovllm import LLM, SamplingParams
 from nanovllm.utils import checkpoints
+
+GREEDY_8 = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
 
 @pytest.mark.parametrize("preset", ["qwen3-tiny", "qwen2-tiny"])  # tied, q/k norms; untied, q/k/v biases
@@ -96,3 +98,23 @@ def test_a_checkpoint_of_another_shape_at_the_path_is_named_not_kept(tmp_path):
     with pytest.raises(RuntimeError, match="hidden_size is 64, not 128"):
         checkpoints.make_random_checkpoint(path, "qwen3-tiny", hidden_size=128)
     assert checkpoints.make_random_checkpoint(path, "qwen3-tiny", seed=1) == path  # the same shape is kept
+
+
+def test_only_the_files_transformers_would_read_are_loaded(tmp_path, monkeypatch):
+    """A sharded checkpoint with a stray *.safetensors beside its shards (an older conversion, say): transformers
+    reads the shards its index names, so must the engine, or the stray file's tensors silently win."""
+    monkeypatch.setattr(checkpoints, "WRITE_DIRECTLY_ABOVE", 0)
+    monkeypatch.setattr(checkpoints, "SHARD_BYTES", 200_000)
+    path = checkpoints.make_random_checkpoint(str(tmp_path / "qwen3"), "qwen3-tiny", initializer_range=0.3)
+    with open(os.path.join(path, "model.safetensors.index.json")) as f:
+        first_shard = sorted(set(json.load(f)["weight_map"].values()))[0]
+    stray = {name: torch.zeros_like(t) for name, t in load_file(os.path.join(path, first_shard)).items()}
+    save_file(stray, os.path.join(path, "old-conversion.safetensors"))
+    prompts = random_prompts(2, 5, 20)
+    outputs = LLM(path, device="cpu", dtype="float32", kv_cache_block_size=16, max_model_len=128,
+                  num_kv_cache_blocks=32).generate(prompts, GREEDY_8, use_tqdm=False)
+    assert [o["token_ids"] for o in outputs] == hf_greedy(path, prompts, GREEDY_8.max_tokens)
+
+    os.remove(os.path.join(path, first_shard))
+    with pytest.raises(ValueError, match=f"names shard\\(s\\) that are not there: {first_shard}"):
+        LLM(path, device="cpu", dtype="float32", num_kv_cache_blocks=32)

@@ -1,5 +1,6 @@
 import contextlib
 import glob
+import json
 import os
 from collections import defaultdict
 
@@ -22,9 +23,7 @@ def load_model(model: nn.Module, path: str):
     any weight is read where the names suffice: a file that cannot be read, tensors the model does not
     have, parameters (or parts) the checkpoint lacks, a shape that does not match.
     """
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if not files:
-        raise ValueError(f"no *.safetensors files in {path!r}")
+    files = checkpoint_files(path)
     params = dict(model.named_parameters())
     packed = getattr(model, "packed_modules_mapping", {})
     skipped = getattr(model, "skipped_checkpoint_tensors", ())
@@ -48,6 +47,30 @@ def load_model(model: nn.Module, path: str):
                 param_name, shard_id = targets[name]
                 if param_name in params:
                     _load(params[param_name], f.get_tensor(name), shard_id, f"{name} in {file}")
+
+
+def checkpoint_files(path: str) -> list[str]:
+    """The weight files, chosen as transformers chooses them: model.safetensors if there is one, else the shards
+    that model.safetensors.index.json names, else every *.safetensors. A stray file beside them (an older
+    conversion, a shard of another run) is not read: its tensors would silently replace the real ones."""
+    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(single):
+        return [single]
+    if os.path.exists(index):
+        try:
+            with open(index) as f:
+                names = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            raise ValueError(f"cannot read {index}: {e!r}") from None
+        files = [os.path.join(path, name) for name in names]
+        absent = [name for name, file in zip(names, files) if not os.path.exists(file)]
+        if absent:
+            raise ValueError(f"{index} names shard(s) that are not there: {_some(absent)}")
+        return files
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise ValueError(f"no *.safetensors files in {path!r}")
+    return files
 
 
 def _load(param: nn.Parameter, tensor: torch.Tensor, shard_id, what: str):
