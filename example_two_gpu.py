@@ -65,6 +65,14 @@ def engine_options() -> dict:
     return dict(enable_two_gpu_pd=True, prefill_device_id="cpu", decode_device_id="cpu")
 
 
+def chat_prompts(tokenizer, questions: list[str]) -> list[list[int]]:
+    """Each question as one user turn of the model's chat template, as token ids. Not as text: encoding the
+    rendered text would add a second BOS where the template already writes one (Llama 3's does)."""
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+             for q in questions]
+    return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+
+
 def positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
@@ -81,10 +89,7 @@ def main():
     model, warning = (args.model, None) if args.model else default_model()
     llm = LLM(model, max_model_len=1024, **engine_options())
     tokenizer = llm.tokenizer
-    prompts = PROMPTS
-    if tokenizer is not None and tokenizer.chat_template:
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                 add_generation_prompt=True) for p in PROMPTS]
+    prompts = chat_prompts(tokenizer, PROMPTS) if tokenizer is not None and tokenizer.chat_template else PROMPTS
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
     start = time.perf_counter()
     outputs = llm.generate(prompts, params)

@@ -295,3 +295,21 @@ def test_the_example_refuses_bad_flags_before_loading_a_model(flags, message):
     run = subprocess.run([sys.executable, str(example), *flags], capture_output=True, text=True,
                          env=dict(os.environ, PYTHONPATH=str(example.parent)))
     assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]
+
+
+def test_the_example_sends_one_bos_where_the_chat_template_writes_it():
+    """Llama 3's chat template writes <|begin_of_text|> and its tokenizer adds it too when encoding: text from the
+    template, encoded again, would start with two."""
+    from tokenizers import processors
+    from nanovllm.utils.checkpoints import make_tokenizer
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from example_two_gpu import chat_prompts
+    tokenizer = make_tokenizer(512)
+    tokenizer.bos_token = "<|endoftext|>"
+    bos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)])
+    tokenizer.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert tokenizer.encode("hi")[:2] == [bos, tokenizer.encode("hi", add_special_tokens=False)[0]]
+    [prompt] = chat_prompts(tokenizer, ["hi"])
+    assert prompt[0] == bos and prompt.count(bos) == 1
