@@ -50,6 +50,7 @@ class Config:
         if isinstance(self.model, os.PathLike):
             self.model = os.fspath(self.model)
         self._check_types()
+        self.model = os.path.expanduser(self.model)  # "~/models/x", as a shell would read it
         self._check_limits()
         self._resolve_devices()
         self.hf_config = load_hf_config(self.model)

