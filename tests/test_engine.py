@@ -234,3 +234,13 @@ def test_cpu_default_kv_budget_fits_one_sequence_of_a_big_model(qwen3_path, monk
     llm = LLM(qwen3_path, device="cpu", max_model_len=512)
     [out] = llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)
     assert len(out["token_ids"]) == GREEDY.max_tokens
+
+
+def test_a_closed_engine_takes_no_requests(qwen3_path):
+    llm = LLM(qwen3_path, **SMALL)
+    llm.close()
+    with pytest.raises(RuntimeError, match="this engine is closed"):
+        llm.add_request([1, 2, 3], GREEDY)
+    with pytest.raises(RuntimeError, match="this engine is closed"):
+        llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)
+    assert llm.is_finished()  # nothing was queued

@@ -68,6 +68,7 @@ class LLMEngine:
 
     def __init__(self, model: str, **kwargs):
         _unfreeze_heap()  # an engine dropped while it had work may be garbage now: let the collector see it
+        self.closed = False
         self.init_config(model, kwargs)
         self.init_tokenizer()
         self.init_workers()
@@ -131,6 +132,8 @@ class LLMEngine:
         return self._add(self._encode(prompt), params)
 
     def _add(self, token_ids: list[int], params: SamplingParams) -> int:
+        if self.closed:  # its tensor-parallel ranks are gone: a request would only fail, step after step
+            raise RuntimeError("this engine is closed; build another LLM to run more requests")
         seq = Sequence(token_ids, params, self.config.kv_cache_block_size)
         self.scheduler.add(seq)
         self.requests[seq.seq_id] = seq
@@ -183,8 +186,9 @@ class LLMEngine:
         return self.scheduler.is_finished() and not self.undelivered
 
     def close(self):
-        """Stop the processes of the other tensor-parallel ranks, after which the engine cannot run. Also done
-        at exit and when the engine is garbage-collected; a no-op without tensor parallelism."""
+        """Stop the processes of the other tensor-parallel ranks; the engine takes no new requests after. The
+        ranks are also stopped at exit and when the engine is garbage-collected."""
+        self.closed = True
         for worker in getattr(self, "workers", []):
             worker.runner.close()
         _unfreeze_heap(self)
