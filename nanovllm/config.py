@@ -109,7 +109,7 @@ class Config:
         if self.enable_two_gpu_pd:
             try:
                 self._resolve_pd_devices()
-            except ValueError as e:
+            except Unavailable as e:  # not a malformed value: that stays an error whatever the fallback
                 if self.pd_fallback != "single":
                     raise
                 logger.warning(f"PD mode is not possible here ({e}); pd_fallback='single': running on one device")
@@ -129,17 +129,25 @@ class Config:
         try:
             return resolve_device(spec)
         except ValueError as e:
-            raise ValueError(f"{name}={spec!r}: {e}") from None
+            raise type(e)(f"{name}={spec!r}: {e}") from None
 
     def _resolve_pd_devices(self):
-        prefill, decode = self._resolve_option("prefill_device_id"), self._resolve_option("decode_device_id")
+        devices, unavailable = [], []
+        for name in ("prefill_device_id", "decode_device_id"):  # a malformed value first, whatever the fallback
+            try:
+                devices.append(self._resolve_option(name))
+            except Unavailable as e:
+                unavailable.append(e)
+        if unavailable:
+            raise unavailable[0]
+        prefill, decode = devices
         if prefill.type != decode.type:
             raise ValueError(f"prefill and decode devices must be of one type, got {prefill} and {decode}")
         if prefill.type == "cuda" and prefill == decode:
             raise ValueError(f"enable_two_gpu_pd needs two different GPUs, got {prefill} twice")
         if prefill.type == "cuda" and not torch.cuda.can_device_access_peer(prefill.index, decode.index):
             if self.pd_fallback != "host":
-                raise ValueError(f"{prefill} and {decode} have no peer access (no NVLink or P2P over PCIe), so KV "
+                raise Unavailable(f"{prefill} and {decode} have no peer access (no NVLink or P2P over PCIe), so KV "
                                  f"copies between them would crawl; pass pd_fallback='host' to copy through pinned "
                                  f"host memory, or 'single' to use one GPU")
             self.kv_via_host = True
@@ -184,6 +192,10 @@ class Config:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
 
 
+class Unavailable(ValueError):
+    """A well-formed device setting that this machine cannot meet (a GPU that is not there, no peer access)."""
+
+
 def _exists(spec) -> bool:
     try:
         resolve_device(spec)
@@ -209,7 +221,7 @@ def resolve_device(spec: int | str | torch.device | None) -> torch.device:
     count = torch.cuda.device_count()
     index = torch.cuda.current_device() if device.index is None and count else device.index
     if index is None or not 0 <= index < count:
-        raise ValueError(f"GPU {spec!r} does not exist: this machine has {count} CUDA device(s)")
+        raise Unavailable(f"GPU {spec!r} does not exist: this machine has {count} CUDA device(s)")
     return torch.device("cuda", index)
 
 

@@ -141,6 +141,9 @@ def test_pd_where_it_cannot_run(qwen3_path, monkeypatch):
     prompts = random_prompts(3, 5, 20, seed=16)
     single = LLM(qwen3_path, **SINGLE, num_kv_cache_blocks=32).generate(prompts, GREEDY, use_tqdm=False)
     assert llm.generate(prompts, GREEDY, use_tqdm=False) == single
+    for typo in (-1, "cuda:one", "gpu0"):  # a malformed value is an error, fallback or not
+        with pytest.raises(ValueError, match=f"decode_device_id={typo!r}"):
+            LLM(qwen3_path, **dict(gpus, decode_device_id=typo), pd_fallback="single")
 
     from nanovllm.config import Config
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # two GPUs without peer access (config only)
