@@ -57,6 +57,7 @@ class Config:
         self._check_tensor_parallel_split()
         self.max_model_len = min(self.max_model_len, self.hf_config.max_position_embeddings)
         self._check_sliding_window()
+        self._check_rope()
         if not self.chunked_prefill_tokens and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_model_len "
                              f"({self.max_model_len}) when chunked_prefill_tokens is 0: a prompt is then "
@@ -181,6 +182,16 @@ class Config:
                              f"in layer(s) {', '.join(map(str, sliding))} is not implemented here, and gives the "
                              f"same result only while a sequence fits in the window: pass max_model_len <= {window} "
                              f"(now {self.max_model_len})")
+
+    def _check_rope(self):
+        """Rotary scaling other than Llama 3's would give other tokens than transformers: refuse it up front."""
+        from nanovllm.layers.rotary import SUPPORTED_ROPE_TYPES
+        from nanovllm.models.decoder import rope_parameters
+        rope_type = rope_parameters(self.hf_config).get("rope_type", "default")
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(f"{self.model}: config.json asks for rotary scaling rope_type={rope_type!r} (rope_scaling "
+                             f"or rope_parameters), which is not implemented here; supported: "
+                             f"{', '.join(SUPPORTED_ROPE_TYPES)}")
 
     def _resolve_dtype(self) -> torch.dtype:
         if self.dtype is None:

@@ -180,6 +180,14 @@ def test_missing_config_fields(qwen3_path, tmp_path):
         LLM(path, **SMALL)
 
 
+@pytest.mark.parametrize("scaling", [{"rope_type": "linear", "factor": 2.0}, {"type": "dynamic", "factor": 2.0}])
+def test_rotary_scaling_it_does_not_implement_is_refused_before_loading(scaling, qwen3_path, tmp_path):
+    path = _broken_copy(qwen3_path, tmp_path / "m", lambda c: c.update(rope_scaling=scaling))
+    kind = scaling.get("rope_type") or scaling["type"]
+    with pytest.raises(ValueError, match=f"{path}: config.json asks for rotary scaling rope_type='{kind}'"):
+        Config(path, device="cpu")
+
+
 def test_malformed_config_json(qwen3_path, tmp_path, no_weights_load):
     path = shutil.copytree(qwen3_path, tmp_path / "m")
     config_json = os.path.join(path, "config.json")

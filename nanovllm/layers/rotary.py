@@ -6,6 +6,9 @@ from torch import nn
 from nanovllm.utils.compile import compile_on_cuda
 
 
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
+
+
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding (rotate-half form), cos/sin tabled once on the model's device.
 
@@ -21,7 +24,7 @@ class RotaryEmbedding(nn.Module):
         if rope_type == "llama3":
             inv_freq = _llama3_scaled(inv_freq, rope_parameters)
         elif rope_type != "default":
-            raise ValueError(f"unsupported rope_type {rope_type!r}; supported: default, llama3")
+            raise ValueError(f"unsupported rope_type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
         positions = torch.arange(max_position, dtype=torch.float)  # on the model's device, like HF's forward
         inv_freq = inv_freq.to(positions.device)
         freqs = positions[:, None] * inv_freq[None, :]
