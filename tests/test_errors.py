@@ -27,6 +27,15 @@ def test_empty_prompt_list(llm):
         llm.generate([], use_tqdm=False)
 
 
+def test_abort_takes_a_request_id(llm):
+    request_id = llm.add_request([1, 2, 3], SamplingParams(max_tokens=2))
+    for wrong in (True, str(request_id), None):
+        with pytest.raises(TypeError, match="request_id must be an int"):
+            llm.abort_request(wrong)
+    assert llm.abort_request(request_id) and not llm.abort_request(request_id)  # once
+    llm.step()
+
+
 def test_empty_prompt(llm):
     with pytest.raises(ValueError, match="empty prompt"):
         llm.generate([[1, 2], []], use_tqdm=False)

@@ -173,6 +173,8 @@ class LLMEngine:
     def abort_request(self, request_id: int) -> bool:
         """Stop a request now and free its KV; the next step() reports it finished with reason "abort".
         Returns False if it is unknown or already finished."""
+        if not isinstance(request_id, int) or isinstance(request_id, bool):  # True would abort request 1
+            raise TypeError(f"request_id must be an int, as add_request() returned it, got {_describe(request_id)}")
         seq = self.requests.get(request_id)
         if seq is None or seq.is_finished:
             return False
