@@ -3,6 +3,9 @@ building the model: on tiny shapes, that path must give a checkpoint transformer
 initialized like its own, on which the engine matches transformers token for token (CPU, fp32)."""
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ from conftest import hf_greedy, random_prompts
 from nanovllm import LLM, SamplingParams
 from nanovllm.utils import checkpoints
 
+ROOT = Path(__file__).resolve().parents[1]
 GREEDY_8 = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
 
@@ -98,6 +102,10 @@ def test_a_checkpoint_of_another_shape_at_the_path_is_named_not_kept(tmp_path):
     with pytest.raises(RuntimeError, match="hidden_size is 64, not 128"):
         checkpoints.make_random_checkpoint(path, "qwen3-tiny", hidden_size=128)
     assert checkpoints.make_random_checkpoint(path, "qwen3-tiny", seed=1) == path  # the same shape is kept
+    run = subprocess.run([sys.executable, "-m", "nanovllm.utils.checkpoints", "random", "llama-tiny", path],
+                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert run.returncode == 1 and "holds a checkpoint of another shape" in run.stderr, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr  # the command line says what is wrong in one line
 
 
 def test_only_the_files_transformers_would_read_are_loaded(tmp_path, monkeypatch):

@@ -208,10 +208,13 @@ def main():
     smol.add_argument("path")
     args = parser.parse_args()
     args.path = os.path.expanduser(args.path)  # quoted "~/x" would otherwise make a directory named "~"
-    if args.kind == "random":
-        print(make_random_checkpoint(args.path, args.preset, args.seed))
-    else:
-        print(convert_smollm2(args.path))
+    try:
+        if args.kind == "random":
+            print(make_random_checkpoint(args.path, args.preset, args.seed))
+        else:
+            print(convert_smollm2(args.path))
+    except RuntimeError as e:  # a path in the way, a package missing: the message says what to do
+        parser.exit(1, f"error: {e}\n")
 
 
 if __name__ == "__main__":
