@@ -22,7 +22,8 @@ Offline (the default): all requests are submitted at once; output tok/s over the
 one finishes. `hf` runs the first --hf-requests of them through `generate` (left padding, batches of
 --hf-batch; every row of a batch generates the batch's longest output and only requested tokens count).
 Below the table, a roofline: what decode must read (weights once per step, each sequence's KV once per
-token) and what prefill must compute, timed at this device's measured copy bandwidth and bf16 matmul rate.
+token) and what prefill must compute, timed at this device's measured copy bandwidth and bf16 matmul rate;
+`hf` is held against the same bound for the first --hf-requests, the requests it ran.
 
 Online (--online RATES, in requests/s): for each rate, --num-requests requests arrive as a Poisson process
 (seeded: the same arrival times and requests for every mode). Each engine's loop adds the requests that
@@ -420,7 +421,9 @@ def probe(args) -> dict:
     result = dict(model=args.model, machine=_machine())
     if not args.online:
         ceilings = measure_device("cpu" if args.device == "cpu" or not torch.cuda.is_available() else "cuda:0")
-        result.update(ceilings=ceilings, roofline=roofline(args, hf_config, ceilings))
+        requests = timed_runs(args)[0]
+        result.update(ceilings=ceilings, roofline=roofline(hf_config, ceilings, requests),
+                      hf_roofline=roofline(hf_config, ceilings, requests[:args.hf_requests]))
     return result
 
 
@@ -474,10 +477,9 @@ def step_bytes(hf_config) -> tuple[int, int]:
     return 2 * (params + hf_config.vocab_size * hf_config.hidden_size), kv_bytes_per_token
 
 
-def roofline(args, hf_config, ceilings: dict) -> dict:
-    """Least bytes decode must read and least FLOPs prefill must do, over the whole offline workload."""
+def roofline(hf_config, ceilings: dict, requests: list[Request]) -> dict:
+    """Least bytes decode must read and least FLOPs prefill must do, over these (offline) requests."""
     from nanovllm.engine.scheduler import model_sizes
-    requests = timed_runs(args)[0]
     prompts, output_lens = [r.prompt for r in requests], [r.output_len for r in requests]
     layers, hidden, vocab = hf_config.num_hidden_layers, hf_config.hidden_size, hf_config.vocab_size
     heads = hf_config.num_attention_heads
@@ -671,7 +673,12 @@ def print_offline(report: dict):
           f"matmul {c['matmul_tflop_s']:.0f} TFLOP/s")
     print(f"roofline: decode reads {r['decode_tb']:.2f} TB ({r['decode_s']:.2f} s), prefill {r['prefill_tflop']:.1f} "
           f"TFLOP ({r['prefill_s']:.2f} s): bound {r['bound_s']:.2f} s = {r['bound_output_tok_s']:.0f} output tok/s "
-          f"for the {r['output_tokens']} output tokens of the full workload\n")
+          f"for the {r['output_tokens']} output tokens of the full workload")
+    if any(res["mode"] == "hf" for res in report["results"]):
+        h = report["hf_roofline"]
+        print(f"hf, on the first requests only: bound {h['bound_s']:.2f} s = {h['bound_output_tok_s']:.0f} output tok/s "
+              f"for their {h['output_tokens']} output tokens")
+    print()
     header = f"{'mode':<10}{'reqs':>6}{'in tok':>9}{'out tok':>9}{'time s':>9}{'out tok/s':>11}{'tot tok/s':>11}" \
              f"{'of bound':>10}  peak mem GiB"
     print(header)
@@ -680,7 +687,8 @@ def print_offline(report: dict):
         if "error" in res:
             print(f"{res['mode']:<10}failed: {res['error']}")
             continue
-        fraction = res["output_tok_s"] / r["bound_output_tok_s"]
+        bound = report["hf_roofline"] if res["mode"] == "hf" else r  # hf ran only the first --hf-requests
+        fraction = res["output_tok_s"] / bound["bound_output_tok_s"]
         print(f"{res['mode']:<10}{res['requests']:>6}{res['input_tokens']:>9}{res['output_tokens']:>9}"
               f"{res['seconds']:>9.2f}{res['output_tok_s']:>11.0f}{res['total_tok_s']:>11.0f}{fraction:>10.1%}  "
               f"{_memory(res)}")
@@ -742,7 +750,7 @@ def main():
     if args.online:
         report["slo_ms"] = dict(ttft=args.slo_ttft_ms, tpot=args.slo_tpot_ms)
     else:
-        report.update(ceilings=setup["ceilings"], roofline=setup["roofline"])
+        report.update(ceilings=setup["ceilings"], roofline=setup["roofline"], hf_roofline=setup["hf_roofline"])
     print_report(report)
     if args.json:
         with open(args.json, "w") as f:

@@ -52,6 +52,7 @@ def test_offline_runs_every_mode_on_the_same_requests(qwen3_path, tmp_path):
         assert all(0 < f <= 1 for f in worker["busy_fraction"].values())
         assert all(blocks > 0 for blocks in worker["peak_kv_blocks_used"].values())
     assert report["roofline"]["bound_s"] > 0
+    assert report["hf_roofline"]["output_tokens"] == results["hf"]["output_tokens"]  # hf's bound: its own requests
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     assert report["machine"]["torch"] and report["machine"]["gpus"] == gpus  # what the machine has, used or not
 
@@ -140,3 +141,22 @@ def test_arguments_that_need_the_model_fail_with_a_message_not_a_traceback(qwen3
     with pytest.raises(bench.BadArgument, match=r"up to 1000 \+ 30 tokens do not fit in the model's "
                                                 r"max_position_embeddings \(1024\)"):
         bench.probe(args)
+
+
+def test_hf_is_held_against_the_roofline_of_the_requests_it_ran(qwen3_path, capsys):
+    # hf runs only the first --hf-requests: fewer sequences share each step's weight reads, so their bound in tok/s
+    # is lower than the full workload's, and a fraction of the full workload's bound would understate hf.
+    args = bench.parse_args(["--model", qwen3_path, "--device", "cpu", "--num-requests", "8", "--hf-requests", "2",
+                             "--input-len", "8", "24", "--output-len", "4", "8", "--max-model-len", "128"])
+    setup = bench.probe(args)
+    first_two = bench.timed_runs(args)[0][:2]
+    assert setup["hf_roofline"]["output_tokens"] == sum(r.output_len for r in first_two)
+    assert setup["roofline"]["output_tokens"] == sum(r.output_len for r in bench.timed_runs(args)[0])
+    ceilings = dict(device="cpu", copy_gb_s=1.0, matmul_tflop_s=1.0)
+    roofline = dict(setup["roofline"], bound_output_tok_s=1000.0)
+    hf_roofline = dict(setup["hf_roofline"], bound_output_tok_s=500.0)
+    result = dict(requests=2, input_tokens=30, output_tokens=10, seconds=1.0, total_tok_s=40.0, workers=[{}])
+    bench.print_offline(dict(ceilings=ceilings, roofline=roofline, hf_roofline=hf_roofline, results=[
+        dict(result, mode="single", output_tok_s=100.0), dict(result, mode="hf", output_tok_s=100.0)]))
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line[:2] in ("si", "hf")}
+    assert rows["single"][7] == "10.0%" and rows["hf"][7] == "20.0%"
