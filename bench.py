@@ -29,8 +29,9 @@ Online (--online RATES, in requests/s): for each rate, --num-requests requests a
 (seeded: the same arrival times and requests for every mode). Each engine's loop adds the requests that
 have arrived, steps, and records when each token came back. Per mode and rate: TTFT (first token - arrival),
 TPOT ((last token - first token) / (tokens - 1), per request), inter-token latency (every gap between a
-request's consecutive tokens), and goodput: requests per second that meet both --slo-ttft-ms and
---slo-tpot-ms (BENCHMARKS.md says why these defaults).
+request's consecutive tokens, pooled over requests; tokens one step() returns together have a gap of 0), and
+goodput: requests per second that meet both --slo-ttft-ms and --slo-tpot-ms (BENCHMARKS.md says why these
+defaults, and how each figure is defined).
 
 Each mode runs in its own processes, so one mode's memory never shows in another's; a mode's processes
 start each timed run together at a barrier, and its time ends when the last of them is done. A mode that
