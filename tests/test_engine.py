@@ -196,11 +196,13 @@ def test_the_heap_is_frozen_while_the_engine_has_work_and_only_then(qwen3_path, 
     assert gc.get_freeze_count() == 0  # generate() aborted its requests: idle again
     monkeypatch.setattr(llm.scheduler, "schedule", schedule)
 
-    gc.freeze()  # the user's own: the engine leaves it as it is
+    gc.freeze()  # the user's own, before an engine is built: the engine leaves it as it is
     try:
+        theirs = LLM(qwen3_path, **SMALL)
         frozen = gc.get_freeze_count()
-        llm.generate(random_prompts(2, 5, 20), GREEDY, use_tqdm=False)
+        theirs.generate(random_prompts(2, 5, 20), GREEDY, use_tqdm=False)
         assert 0 < gc.get_freeze_count() <= frozen  # not given back, not frozen over (some frozen objects died)
+        del theirs
     finally:
         gc.unfreeze()
 

@@ -68,6 +68,8 @@ class LLMEngine:
 
     def __init__(self, model: str, **kwargs):
         _unfreeze_heap()  # an engine dropped while it had work may be garbage now: let the collector see it
+        # Frozen still, the heap is the user's to manage (counted once: gc.get_freeze_count walks the frozen objects).
+        self.user_froze_heap = gc.get_freeze_count() > 0
         self.closed = False
         self.init_config(model, kwargs)
         self.init_tokenizer()
@@ -448,10 +450,10 @@ def _freeze_heap(engine: "LLMEngine"):
     the one 0.35 s idle gap of an H200 trace; it comes once or more per run, whenever enough new objects have
     survived. Frozen, a full collection walks only what the run created. Given back (`_unfreeze_heap`) once the
     engine is idle or closed, or when another engine is built, so that nothing that dies later (an engine
-    dropped mid-run included) is kept from the collector for long. Not if the heap is frozen already (by the
-    user, or for another engine): theirs to manage."""
+    dropped mid-run included) is kept from the collector for long. Not if the heap is frozen already, for another
+    engine or by the user (as the engine found it when built): theirs to manage."""
     global _heap_frozen_for
-    if _heap_frozen_for is None and not gc.get_freeze_count():
+    if _heap_frozen_for is None and not engine.user_froze_heap:
         gc.freeze()
         _heap_frozen_for = weakref.ref(engine, lambda _: _unfreeze_heap())  # also if it is freed mid-run
 
