@@ -56,3 +56,12 @@ def test_a_top_k_above_the_vocabulary_keeps_every_token_beside_a_row_that_cuts()
     assert tokens[::2].max() <= 1
     frequencies = torch.bincount(tokens[1::2], minlength=len(LOGITS)).float() / (n // 2)
     assert torch.allclose(frequencies, torch.softmax(LOGITS, dim=0), atol=0.02)
+
+
+def test_different_seeds_give_different_tokens():
+    # Python's hash() of an int maps -1 and -2 to the same value, and s and s + 2**61 - 1 too: such seeds must
+    # still draw different noise. 40 draws from 1,000 equally likely tokens cannot all agree by chance.
+    logits = torch.zeros(40, 1000)
+    for a, b in ((-1, -2), (0, 2**61 - 1), (1, 2**61), (5, -5)):
+        tokens = [Sampler()(logits, [SamplingParams(temperature=1.0, seed=s)] * 40, list(range(40))) for s in (a, b)]
+        assert not torch.equal(*tokens), (a, b)
