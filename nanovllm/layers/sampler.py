@@ -69,5 +69,6 @@ def _top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     probs = sorted_logits.softmax(dim=-1)
     drop = probs.cumsum(dim=-1) - probs >= top_p.unsqueeze(1)  # the mass before this token already suffices
+    drop &= (top_p < 1).unsqueeze(1)  # top_p=1 cuts nothing, though fp32 rounds the mass before tail tokens to 1
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
