@@ -2,7 +2,7 @@
 import torch
 
 from nanovllm import SamplingParams
-from nanovllm.layers.sampler import Sampler
+from nanovllm.layers.sampler import Sampler, _top_p
 from nanovllm.sampling_params import MIN_TEMPERATURE
 
 LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
@@ -56,3 +56,23 @@ def test_a_top_k_above_the_vocabulary_keeps_every_token_beside_a_row_that_cuts()
     assert tokens[::2].max() <= 1
     frequencies = torch.bincount(tokens[1::2], minlength=len(LOGITS)).float() / (n // 2)
     assert torch.allclose(frequencies, torch.softmax(LOGITS, dim=0), atol=0.02)
+
+
+def test_different_seeds_give_different_tokens():
+    # Python's hash() of an int maps -1 and -2 to the same value, and s and s + 2**61 - 1 too: such seeds must
+    # still draw different noise. 40 draws from 1,000 equally likely tokens cannot all agree by chance.
+    logits = torch.zeros(40, 1000)
+    for a, b in ((-1, -2), (0, 2**61 - 1), (1, 2**61), (5, -5)):
+        tokens = [Sampler()(logits, [SamplingParams(temperature=1.0, seed=s)] * 40, list(range(40))) for s in (a, b)]
+        assert not torch.equal(*tokens), (a, b)
+
+
+def test_a_top_p_of_one_cuts_nothing_beside_a_row_that_cuts():
+    # top_p=1 is no cut (transformers adds no TopPLogitsWarper for it). In a batch where another row's top_p cuts,
+    # the fp32 mass before a tail token rounds up to 1.0 and reached ">= top_p": tokens of p = e^-17 and below were
+    # dropped (on SmolLM2's real logits, 24k-35k tokens and 2e-5 of the mass each step), so a row's distribution,
+    # and a seeded request's tokens, depended on its neighbours.
+    logits = -torch.arange(40.0).repeat(2, 1)  # probabilities e^-k / Z
+    cut = _top_p(logits, torch.tensor([0.5, 1.0]))
+    assert torch.equal(cut[1], logits[1])
+    assert torch.isfinite(cut[0]).sum() == 1  # e^0 / Z = 0.63 >= 0.5: the top token alone

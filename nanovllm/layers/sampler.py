@@ -1,4 +1,5 @@
 import torch
+import xxhash
 
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.compile import compile_on_cuda
@@ -33,8 +34,8 @@ class Sampler:
         if seeded:
             noise = torch.empty((len(seeded), logits.size(1)), dtype=torch.float32, device=device)
             for row, i in zip(noise, seeded):
-                seed = hash((params[i].seed, positions[i])) & (2**63 - 1)
-                row.exponential_(generator=torch.Generator(device).manual_seed(seed))
+                generator = torch.Generator(device).manual_seed(_noise_seed(params[i].seed, positions[i]))
+                row.exponential_(generator=generator)
             rows = to_device(seeded, torch.int64, device)
             scaled = logits[rows].float() / temperatures[rows].unsqueeze(1)
             sampled[rows] = (scaled - noise.log()).argmax(dim=-1)
@@ -42,6 +43,12 @@ class Sampler:
             return sampled
         is_greedy = to_device([p.greedy for p in params], torch.bool, device)
         return torch.where(is_greedy, logits.argmax(dim=-1), sampled)
+
+
+def _noise_seed(seed: int, position: int) -> int:
+    """The generator seed of a request's noise at one position. Not Python's hash(): it maps -1 and -2 to the same
+    value, and s and s + 2**61 - 1 too, so such seeds would give the same tokens."""
+    return xxhash.xxh64_intdigest(f"{seed},{position}".encode()) & (2**63 - 1)
 
 
 @compile_on_cuda
@@ -62,5 +69,6 @@ def _top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     probs = sorted_logits.softmax(dim=-1)
     drop = probs.cumsum(dim=-1) - probs >= top_p.unsqueeze(1)  # the mass before this token already suffices
+    drop &= (top_p < 1).unsqueeze(1)  # top_p=1 cuts nothing, though fp32 rounds the mass before tail tokens to 1
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
