@@ -58,6 +58,9 @@ class Config:
         self.max_model_len = min(self.max_model_len, self.hf_config.max_position_embeddings)
         self._check_sliding_window()
         self._check_rope()
+        for name in ("num_kv_cache_blocks", "num_prefill_kv_cache_blocks"):  # given ones: before weights load
+            if getattr(self, name) > 0:
+                check_kv_pool(getattr(self, name), self.max_model_len, self.kv_cache_block_size, f"{name}: ")
         if not self.chunked_prefill_tokens and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_model_len "
                              f"({self.max_model_len}) when chunked_prefill_tokens is 0: a prompt is then "
@@ -201,6 +204,20 @@ class Config:
         if self.dtype in DTYPES:
             return DTYPES[self.dtype]
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+
+
+def admission_watermark(num_blocks: int) -> int:
+    """Blocks that admission keeps free in a pool of `num_blocks`, so that running sequences can grow."""
+    return max(1, num_blocks // 100)
+
+
+def check_kv_pool(num_blocks: int, max_model_len: int, block_size: int, side: str = ""):
+    """A KV pool must hold one sequence of max_model_len beside the admission watermark, or a long prompt could
+    be accepted and never run."""
+    need = -(-max_model_len // block_size) + admission_watermark(num_blocks)
+    if num_blocks < need:
+        raise ValueError(f"{side}KV cache has {num_blocks} blocks of {block_size} tokens, too few for one sequence "
+                         f"of max_model_len={max_model_len} (needs {need}); lower max_model_len or give more blocks")
 
 
 class Unavailable(ValueError):

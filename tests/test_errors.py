@@ -140,6 +140,14 @@ def no_weights_load(monkeypatch):
     monkeypatch.setattr(llm_engine, "ModelRunner", load)
 
 
+def test_a_given_kv_pool_too_small_fails_before_the_weights_load(qwen3_path, no_weights_load):
+    with pytest.raises(ValueError, match="^num_kv_cache_blocks: KV cache has 2 blocks .* too few for one sequence"):
+        LLM(qwen3_path, **dict(SMALL, num_kv_cache_blocks=2))
+    pd = dict(SMALL, enable_two_gpu_pd=True, prefill_device_id="cpu", decode_device_id="cpu")
+    with pytest.raises(ValueError, match="^num_prefill_kv_cache_blocks: KV cache has 3 blocks"):
+        LLM(qwen3_path, **dict(pd, num_prefill_kv_cache_blocks=3))
+
+
 def test_config_options_of_the_wrong_type(qwen3_path, no_weights_load):
     for field, value in [("num_kv_cache_blocks", "16"), ("num_kv_cache_blocks", 16.0),
                          ("num_prefill_kv_cache_blocks", "8"), ("gpu_memory_utilization", "0.9"),

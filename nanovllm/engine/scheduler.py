@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from nanovllm.config import Config
+from nanovllm.config import Config, admission_watermark, check_kv_pool
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.sequence import Sequence, SequenceStatus
 
@@ -77,20 +77,13 @@ class Scheduler:
         self.num_backpressure_stalls = 0  # steps in which admission waited for room to decode
 
     def check_capacity(self):
-        block_size = self.config.kv_cache_block_size
         for i, bm in enumerate(self.block_managers):
-            # One sequence of max_model_len, and the watermark that admission keeps free beside its prompt.
-            need = -(-self.config.max_model_len // block_size) + self.watermark(i)
-            if bm.num_blocks < need:
-                side = f"worker {i}'s " if self.num_workers > 1 else ""
-                raise ValueError(
-                    f"{side}KV cache has {bm.num_blocks} blocks of {block_size} tokens, too few for one sequence "
-                    f"of max_model_len={self.config.max_model_len} (needs {need}); lower max_model_len or give "
-                    f"more blocks")
+            check_kv_pool(bm.num_blocks, self.config.max_model_len, self.config.kv_cache_block_size,
+                          f"worker {i}'s " if self.num_workers > 1 else "")
 
     def watermark(self, worker: int) -> int:
         """Blocks kept free at admission so that running sequences can grow without preemption."""
-        return max(1, self.block_managers[worker].num_blocks // 100)
+        return admission_watermark(self.block_managers[worker].num_blocks)
 
     # ---- requests ----
 
