@@ -1,4 +1,6 @@
 """The engine on CPU against Hugging Face transformers: greedy output must match token for token (fp32)."""
+import contextlib
+
 import pytest
 import torch
 
@@ -196,15 +198,25 @@ def test_the_heap_is_frozen_while_the_engine_has_work_and_only_then(qwen3_path, 
     assert gc.get_freeze_count() == 0  # generate() aborted its requests: idle again
     monkeypatch.setattr(llm.scheduler, "schedule", schedule)
 
-    gc.freeze()  # the user's own, before an engine is built: the engine leaves it as it is
+    gc.freeze()  # the user's own (after the engine was built, as servers do): the engine leaves it as it is
     try:
-        theirs = LLM(qwen3_path, **SMALL)
         frozen = gc.get_freeze_count()
-        theirs.generate(random_prompts(2, 5, 20), GREEDY, use_tqdm=False)
+        llm.generate(random_prompts(2, 5, 20), GREEDY, use_tqdm=False)
         assert 0 < gc.get_freeze_count() <= frozen  # not given back, not frozen over (some frozen objects died)
-        del theirs
     finally:
         gc.unfreeze()
+
+    def fails(*args):
+        raise RuntimeError("boom")
+
+    llm.add_request([1, 2, 3], GREEDY)
+    monkeypatch.setattr(llm.workers[0].runner, "launch", fails)
+    for _ in range(3):  # its third failed step ends the request (finish reason "error"): idle, in step()'s raise
+        with contextlib.suppress(RuntimeError):
+            llm.step()
+    assert llm.scheduler.is_finished() and gc.get_freeze_count() == 0
+    monkeypatch.undo()
+    llm.step()  # delivers the error
 
     engine = weakref.ref(llm)
     del llm, schedule

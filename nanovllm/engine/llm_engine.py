@@ -68,8 +68,6 @@ class LLMEngine:
 
     def __init__(self, model: str, **kwargs):
         _unfreeze_heap()  # an engine dropped while it had work may be garbage now: let the collector see it
-        # Frozen still, the heap is the user's to manage (counted once: gc.get_freeze_count walks the frozen objects).
-        self.user_froze_heap = gc.get_freeze_count() > 0
         self.closed = False
         self.init_config(model, kwargs)
         self.init_tokenizer()
@@ -193,22 +191,24 @@ class LLMEngine:
         """Stop the processes of the other tensor-parallel ranks; the engine takes no new requests after. The
         ranks are also stopped at exit and when the engine is garbage-collected."""
         self.closed = True
+        _unfreeze_heap(self)
         for worker in getattr(self, "workers", []):
             worker.runner.close()
-        _unfreeze_heap(self)
 
     # ---- the step loop ----
 
     def step(self) -> list[StepOutput]:
         """Launch the next step on every worker, then collect what is done. Some tokens arrive one step late."""
         _freeze_heap(self)
-        with self._rollback_on_failure():
-            launched = self._launch()
-            collected = self._collect()
-            if not launched and not collected and not self._in_flight():
-                self._check_not_stalled()
+        try:
+            with self._rollback_on_failure():
+                launched = self._launch()
+                collected = self._collect()
+                if not launched and not collected and not self._in_flight():
+                    self._check_not_stalled()
+        finally:
+            self._unfreeze_heap_if_idle()  # a step that failed its last request leaves the engine idle too
         outputs, self.undelivered = self.undelivered, []
-        self._unfreeze_heap_if_idle()
         return outputs
 
     def _unfreeze_heap_if_idle(self):
@@ -439,7 +439,7 @@ def _load_tokenizer(model_dir: str):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-_heap_frozen_for = None  # weak reference to the engine whose work froze the heap, if one did
+_heap_frozen_for = None  # (weak reference to the engine whose work holds the heap frozen, whether we froze it)
 
 
 def _freeze_heap(engine: "LLMEngine"):
@@ -449,20 +449,23 @@ def _freeze_heap(engine: "LLMEngine"):
     walks them all: 0.17 s between two steps on a 2-core CPU (benchmarks/step_trace.py --device cpu), and likely
     the one 0.35 s idle gap of an H200 trace; it comes once or more per run, whenever enough new objects have
     survived. Frozen, a full collection walks only what the run created. Given back (`_unfreeze_heap`) once the
-    engine is idle or closed, or when another engine is built, so that nothing that dies later (an engine
-    dropped mid-run included) is kept from the collector for long. Not if the heap is frozen already, for another
-    engine or by the user (as the engine found it when built): theirs to manage."""
+    engine is idle or closed, or freed, or when another engine is built, so that nothing that dies later is kept
+    from the collector for long. A heap the user froze is left as it is: found frozen at the start of a busy
+    period (gc.get_freeze_count walks the frozen objects, so it is asked once per busy period, not per step)."""
     global _heap_frozen_for
-    if _heap_frozen_for is None and not engine.user_froze_heap:
-        gc.freeze()
-        _heap_frozen_for = weakref.ref(engine, lambda _: _unfreeze_heap())  # also if it is freed mid-run
+    if _heap_frozen_for is None:
+        ours = not gc.get_freeze_count()
+        if ours:
+            gc.freeze()
+        _heap_frozen_for = (weakref.ref(engine, lambda _: _unfreeze_heap()), ours)  # also if it is freed mid-run
 
 
 def _unfreeze_heap(engine: "LLMEngine | None" = None):
     """Undo _freeze_heap, if it froze the heap for `engine` (None: for whichever engine)."""
     global _heap_frozen_for
-    if _heap_frozen_for is not None and (engine is None or _heap_frozen_for() is engine):
-        gc.unfreeze()
+    if _heap_frozen_for is not None and (engine is None or _heap_frozen_for[0]() is engine):
+        if _heap_frozen_for[1]:
+            gc.unfreeze()
         _heap_frozen_for = None
 
 
