@@ -211,6 +211,15 @@ def admission_watermark(num_blocks: int) -> int:
     return max(1, num_blocks // 100)
 
 
+def min_kv_blocks(max_model_len: int, block_size: int) -> int:
+    """The smallest pool that check_kv_pool accepts (the watermark grows with the pool)."""
+    sequence = -(-max_model_len // block_size)
+    n = sequence + 1
+    while n < sequence + admission_watermark(n):
+        n += 1
+    return n
+
+
 def check_kv_pool(num_blocks: int, max_model_len: int, block_size: int, side: str = ""):
     """A KV pool must hold one sequence of max_model_len beside the admission watermark, or a long prompt could
     be accepted and never run."""

@@ -6,6 +6,7 @@ import torch
 
 from conftest import hf_greedy, random_prompts
 from nanovllm import LLM, LLMEngine, SamplingParams
+from nanovllm.utils.checkpoints import make_random_checkpoint
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 # Exact parity needs fp32, so every engine here runs on the CPU in fp32, GPUs or not (GPU parity: test_gpu.py).
@@ -241,13 +242,17 @@ def test_the_heap_is_frozen_while_the_engine_has_work_and_only_then(qwen3_path, 
     assert engine() is None
 
 
-def test_cpu_default_kv_budget_fits_one_sequence_of_a_big_model(qwen3_path, monkeypatch):
+def test_cpu_default_kv_budget_fits_one_sequence_of_a_big_model(qwen3_path, monkeypatch, tmp_path):
     """The CPU's default KV budget (1 GiB) holds less than max_model_len for big models (Qwen3-8B in fp32); then the
     engine takes as many blocks as one sequence needs, and starts."""
     monkeypatch.setattr("nanovllm.engine.model_runner.CPU_KV_CACHE_BYTES", 1)  # as if every block were bigger
     llm = LLM(qwen3_path, device="cpu", max_model_len=512)
     [out] = llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)
     assert len(out["token_ids"]) == GREEDY.max_tokens
+    # A long context: 512 blocks of 16 tokens for one sequence, and admission keeps 1% of the pool free beside it.
+    long = make_random_checkpoint(str(tmp_path / "long"), "qwen3-tiny", max_position_embeddings=8192)
+    llm = LLM(long, device="cpu", max_model_len=8192, kv_cache_block_size=16)
+    assert llm.model_runner.num_kv_blocks == 517
 
 
 def test_a_closed_engine_takes_no_requests(qwen3_path):

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from nanovllm.config import Config
+from nanovllm.config import Config, min_kv_blocks
 from nanovllm.engine import tensor_parallel
 from nanovllm.engine.partitions import SMPartitions
 from nanovllm.engine.scheduler import Batch
@@ -159,8 +159,8 @@ class ModelRunner:
             attn.v_cache = self.kv_cache[:, layer, 1]
 
     def _blocks_that_fit(self, block_bytes: int) -> int:
-        if not self.is_cuda:  # at least one sequence of max_model_len and a spare (Scheduler.check_capacity)
-            return max(CPU_KV_CACHE_BYTES // block_bytes, -(-self.config.max_model_len // self.block_size) + 1)
+        if not self.is_cuda:  # at least what the capacity check asks (config.check_kv_pool)
+            return max(CPU_KV_CACHE_BYTES // block_bytes, min_kv_blocks(self.config.max_model_len, self.block_size))
         free, total = torch.cuda.mem_get_info(self.device)
         stats = torch.cuda.memory_stats(self.device)
         peak, current = stats["allocated_bytes.all.peak"], stats["allocated_bytes.all.current"]
