@@ -63,7 +63,9 @@ def test_an_interrupted_write_leaves_no_checkpoint_behind(tmp_path, monkeypatch)
 
     assert checkpoints.make_random_checkpoint(path, "qwen3-tiny") == path
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(path))
-    assert os.stat(path).st_mode & 0o777 == 0o755
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o777 & ~umask
     LLM(path, device="cpu", dtype="float32", num_kv_cache_blocks=8)  # loads
 
 
@@ -126,3 +128,13 @@ def test_only_the_files_transformers_would_read_are_loaded(tmp_path, monkeypatch
     os.remove(os.path.join(path, first_shard))
     with pytest.raises(ValueError, match=f"names shard\\(s\\) that are not there: {first_shard}"):
         LLM(path, device="cpu", dtype="float32", num_kv_cache_blocks=32)
+
+
+def test_a_checkpoint_is_written_through_a_link_to_an_empty_directory(tmp_path):
+    """~/.cache/nanovllm -> a bigger disk, say: the checkpoint lands where the link points."""
+    (tmp_path / "big" / "qwen3").mkdir(parents=True)
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "qwen3").symlink_to(tmp_path / "big" / "qwen3")
+    path = checkpoints.make_random_checkpoint(str(tmp_path / "home" / "qwen3"), "qwen3-tiny")
+    assert os.path.exists(os.path.join(tmp_path / "big" / "qwen3", "config.json")) and os.path.islink(path)
+    assert os.listdir(tmp_path / "home") == ["qwen3"] and os.listdir(tmp_path / "big") == ["qwen3"]

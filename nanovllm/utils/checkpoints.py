@@ -181,10 +181,12 @@ def _written_whole(path: str):
     """Write into a staging directory beside `path`, then rename it to `path` in one step, so that a write that
     is interrupted (Ctrl-C, a full disk) leaves nothing at `path`, and a process loading `path` while another
     writes it never sees half a checkpoint. If another process finished first, its checkpoint is kept."""
-    path = os.path.abspath(path)
+    path = os.path.realpath(path)  # through a link to an (empty) directory: staged where it points, on its disk
     os.makedirs(os.path.dirname(path), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-", dir=os.path.dirname(path))
-    os.chmod(staging, 0o755)  # mkdtemp makes it private; a checkpoint is not
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint is as private as its files
     try:
         yield staging
         try:
