@@ -103,6 +103,7 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} {low} {high}: MIN must not exceed MAX")
     if args.online and args.modes and "hf" in args.modes:
         p.error("--modes: hf has no online mode (transformers' generate takes no requests while it runs)")
+    args.model = args.model and os.path.expanduser(args.model)  # --model=~/m reaches us unexpanded
     if args.model and not os.path.isfile(os.path.join(args.model, "config.json")):
         p.error(f"--model {args.model}: no config.json there (expected a Hugging Face-format checkpoint directory)")
     if args.input_len[1] + args.output_len[1] > args.max_model_len:

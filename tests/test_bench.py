@@ -131,6 +131,11 @@ def test_bad_arguments_fail_before_anything_runs(qwen3_path, flags, message, cap
     assert exit.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_a_model_path_may_start_with_a_tilde(qwen3_path, monkeypatch):
+    monkeypatch.setenv("HOME", os.path.dirname(qwen3_path))  # --model=~/m reaches bench.py unexpanded
+    assert bench.parse_args([f"--model=~/{os.path.basename(qwen3_path)}"]).model == qwen3_path
+
+
 def test_arguments_that_need_the_model_fail_with_a_message_not_a_traceback(qwen3_path, tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--random-model", "qwen3-huge", "--device", "cpu",
                           "--cache-dir", str(tmp_path)], capture_output=True, text=True)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -32,7 +33,7 @@ def test_abort_takes_a_request_id(llm):
     for wrong in (True, str(request_id), None):
         with pytest.raises(TypeError, match="request_id must be an int"):
             llm.abort_request(wrong)
-    assert llm.abort_request(request_id) and not llm.abort_request(request_id)  # once
+    assert llm.abort_request(np.int64(request_id)) and not llm.abort_request(request_id)  # once; numpy ints too
     llm.step()
 
 

@@ -3,6 +3,7 @@ import copy
 import dataclasses
 import gc
 import logging
+import numbers
 import os
 import signal
 import sys
@@ -173,9 +174,9 @@ class LLMEngine:
     def abort_request(self, request_id: int) -> bool:
         """Stop a request now and free its KV; the next step() reports it finished with reason "abort".
         Returns False if it is unknown or already finished."""
-        if not isinstance(request_id, int) or isinstance(request_id, bool):  # True would abort request 1
+        if not isinstance(request_id, numbers.Integral) or isinstance(request_id, bool):  # True would abort request 1
             raise TypeError(f"request_id must be an int, as add_request() returned it, got {_describe(request_id)}")
-        seq = self.requests.get(request_id)
+        seq = self.requests.get(int(request_id))  # numpy integers too
         if seq is None or seq.is_finished:
             return False
         with _sigint_deferred():
