@@ -208,6 +208,15 @@ def test_interrupted_generate_leaves_nothing_behind(qwen3_path, reference):
     assert_consistent(llm)
 
 
+@pytest.fixture
+def ctrl_c_as_in_a_terminal():
+    """Ctrl-C raises KeyboardInterrupt, also where pytest was started with it ignored: a shell without job control
+    starts background commands (`pytest &`, some CI runners) with SIGINT ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def press_ctrl_c_after_each_call(obj, name: str):
     """Wrap obj.<name> so that a real SIGINT arrives right after each call returns (undo: del obj.<name>)."""
     method = getattr(obj, name)
@@ -222,7 +231,7 @@ def press_ctrl_c_after_each_call(obj, name: str):
 
 @pytest.mark.parametrize("pressed_after", ["_add", "abort_request"])
 def test_ctrl_c_while_generate_queues_or_aborts_its_requests_leaves_nothing_behind(pressed_after, qwen3_path,
-                                                                                   reference):
+                                                                                   reference, ctrl_c_as_in_a_terminal):
     """An impatient user presses Ctrl-C while generate() queues its requests, or again while it aborts them."""
     llm = LLM(qwen3_path, **MODES["single"])
     if pressed_after == "abort_request":  # the first Ctrl-C, in a step, makes generate() abort its requests

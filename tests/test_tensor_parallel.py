@@ -34,6 +34,12 @@ SCRIPT_ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
 CPU = dict(device="cpu", dtype="float32", kv_cache_block_size=16, max_model_len=256, max_num_batched_tokens=512)
 
 
+def sigint_as_in_a_terminal():
+    """A shell without job control starts background commands with Ctrl-C ignored (`pytest &`, CI runners), and
+    children inherit that; the user's script we test runs as from a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def tokens(outputs: list[dict]) -> list[list[int]]:
     return [o["token_ids"] for o in outputs]
 
@@ -242,7 +248,8 @@ def test_ranks_exit_with_the_users_process(qwen3_path, tmp_path, how):
     script = tmp_path / "script.py"
     script.write_text(SCRIPT)
     user = subprocess.Popen([sys.executable, str(script), qwen3_path, how], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True, env=SCRIPT_ENV)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, env=SCRIPT_ENV,
+                            preexec_fn=sigint_as_in_a_terminal)
     try:
         ranks = [int(pid) for pid in user.stdout.readline().split()]
         assert len(ranks) == 1, user.stderr.read()

@@ -441,6 +441,9 @@ def _load_tokenizer(model_dir: str):
 
 
 _heap_frozen_for = None  # (weak reference to the engine whose work holds the heap frozen, whether we froze it)
+# What was frozen before this module was imported is not the user's doing: Python 3.12 starts with a few hundred
+# objects of its own frozen (375 on 3.12.1), and a heap "found frozen" by that count alone was never frozen by us.
+_FROZEN_AT_IMPORT = gc.get_freeze_count()
 
 
 def _freeze_heap(engine: "LLMEngine"):
@@ -451,11 +454,12 @@ def _freeze_heap(engine: "LLMEngine"):
     the one 0.35 s idle gap of an H200 trace; it comes once or more per run, whenever enough new objects have
     survived. Frozen, a full collection walks only what the run created. Given back (`_unfreeze_heap`) once the
     engine is idle or closed, or freed, or when another engine is built, so that nothing that dies later is kept
-    from the collector for long. A heap the user froze is left as it is: found frozen at the start of a busy
-    period (gc.get_freeze_count walks the frozen objects, so it is asked once per busy period, not per step)."""
+    from the collector for long. A heap the user froze (after importing nanovllm) is left as it is: found frozen at
+    the start of a busy period (gc.get_freeze_count walks the frozen objects, so it is asked once per busy period,
+    not per step)."""
     global _heap_frozen_for
     if _heap_frozen_for is None:
-        ours = not gc.get_freeze_count()
+        ours = gc.get_freeze_count() <= _FROZEN_AT_IMPORT
         if ours:
             gc.freeze()
         _heap_frozen_for = (weakref.ref(engine, lambda _: _unfreeze_heap()), ours)  # also if it is freed mid-run
