@@ -138,3 +138,44 @@ def test_paged_decode_attention_in_cuda_graph(num_splits):
     graph.replay()
     ref = reference_decode(q, k_cache, v_cache, tables, lens, 0.2)
     torch.testing.assert_close(out.float(), ref, **TOL)
+
+
+# ---- fused elementwise layers, against the torch functions the CPU path runs ----
+
+def test_rms_norm_with_and_without_residual():
+    from nanovllm.layers import kernels
+    from nanovllm.layers.norm import add_rms_norm, rms_norm
+    x = torch.randn(5, 96, dtype=DTYPE, device=DEVICE)
+    residual, weight = torch.randn_like(x), torch.randn(96, dtype=DTYPE, device=DEVICE)
+    normed, none = kernels.rms_norm(x, weight, 1e-6)
+    assert none is None
+    torch.testing.assert_close(normed, rms_norm(x, weight, 1e-6), **TOL)
+    normed, summed = kernels.rms_norm(x, weight, 1e-6, residual)
+    expected, expected_sum = add_rms_norm(x, residual, weight, 1e-6)
+    torch.testing.assert_close(normed, expected, **TOL)
+    assert torch.equal(summed, expected_sum)
+    assert kernels.rms_norm(x[:0], weight, 1e-6)[0].shape == (0, 96)
+
+
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_norm_and_rotate_per_head_on_strided_views(qk_norm):
+    from nanovllm.layers import kernels
+    from nanovllm.layers.norm import rms_norm
+    from nanovllm.layers.rotary import RotaryEmbedding, apply_rotary
+    tokens, q_heads, kv_heads, dim = 6, 4, 2, 32
+    qkv = torch.randn(tokens, (q_heads + 2 * kv_heads) * dim, dtype=DTYPE, device=DEVICE)
+    q = qkv[:, :q_heads * dim].view(tokens, q_heads, dim)  # views of the fused projection, as in the model
+    k = qkv[:, q_heads * dim:(q_heads + kv_heads) * dim].view(tokens, kv_heads, dim)
+    rope = RotaryEmbedding(dim, 64, {"rope_theta": 10000.0}).to(DEVICE)
+    cos, sin = rope(torch.tensor([0, 5, 9, 17, 40, 63], device=DEVICE))
+    weight = torch.randn(dim, dtype=DTYPE, device=DEVICE) if qk_norm else None
+    expected_q, expected_k = apply_rotary(*(rms_norm(t, weight, 1e-6) if qk_norm else t for t in (q, k)), cos, sin)
+    torch.testing.assert_close(kernels.norm_and_rotate(q, weight, 1e-6, cos, sin), expected_q, **TOL)
+    torch.testing.assert_close(kernels.norm_and_rotate(k, weight, 1e-6, cos, sin), expected_k, **TOL)
+
+
+def test_silu_and_mul():
+    from nanovllm.layers import kernels
+    x = torch.randn(4, 2 * 1500, dtype=DTYPE, device=DEVICE)  # more than one program per row
+    gate, up = x.chunk(2, dim=-1)
+    torch.testing.assert_close(kernels.silu_and_mul(x), torch.nn.functional.silu(gate) * up, **TOL)

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["store_kvcache", "paged_decode_attention"]
+__all__ = ["store_kvcache", "paged_decode_attention", "rms_norm", "norm_and_rotate", "silu_and_mul"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,3 +315,124 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int,
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
     if k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise ValueError("k_cache and v_cache need a unit stride on head_dim")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused elementwise layers: RMSNorm (+ residual), q/k RMSNorm + rotary, SiLU-and-multiply
+# ---------------------------------------------------------------------------------------------
+# One launch each, in place of a torch.compile'd function: on an H200 a compiled call costs ~90 us of host
+# time whatever the shape, which eager prompt steps pay ~112 times per step. Each kernel rounds where
+# Hugging Face's eager code rounds (to the activations' dtype after the norm, after each product and sum), so
+# the results match the torch functions in layers/norm.py, layers/rotary.py and models/decoder.py.
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, h_ptr,
+                     stride_xt, stride_xh, stride_rt, stride_ot, stride_oh, stride_ht,
+                     n, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    """One program = one row of n values: row (token t, head h) of x."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n
+    x = tl.load(x_ptr + t * stride_xt + h * stride_xh + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + t * stride_rt + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # the sum, rounded like torch's x + residual
+        tl.store(h_ptr + t * stride_ht + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    y = (xf * tl.rsqrt(tl.sum(xf * xf, axis=0) / n + eps)).to(x.dtype)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    out = w.to(tl.float32) * y.to(tl.float32)
+    tl.store(out_ptr + t * stride_ot + h * stride_oh + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """RMSNorm over the last dim of x ([T, n], or [T, heads, n] normed per head), after adding `residual`
+    ([T, n]) when given. Returns (normed, x + residual or None)."""
+    n = x.shape[-1]
+    x3 = x if x.dim() == 3 else x.unsqueeze(1)
+    if x3.stride(-1) != 1:
+        raise ValueError("x needs a unit stride on its last dim")
+    out = torch.empty(x3.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    h = torch.empty_like(x) if residual is not None else None
+    if x3.shape[0]:
+        r = residual if residual is not None else x3
+        hh = h if h is not None else out
+        _rms_norm_kernel[(x3.shape[0], x3.shape[1])](
+            x3, r, weight, out, hh, x3.stride(0), x3.stride(1), r.stride(0), out.stride(0), out.stride(1),
+            hh.stride(0), n, eps, HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n),
+            num_warps=min(8, max(1, triton.next_power_of_2(n) // 256)))  # ~8 values a thread
+    return out.view(x.shape), h
+
+
+@triton.jit
+def _norm_rotate_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr,
+                        stride_xt, stride_xh, stride_ct, stride_ot, stride_oh,
+                        eps, NORM: tl.constexpr, HALF: tl.constexpr):
+    """One program = one head of one token: optional RMSNorm, then rotate-half rotary embedding."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    d = tl.arange(0, HALF)
+    row = x_ptr + t * stride_xt + h * stride_xh
+    x1 = tl.load(row + d)
+    x2 = tl.load(row + HALF + d)
+    dtype = x1.dtype
+    if NORM:
+        a, b = x1.to(tl.float32), x2.to(tl.float32)
+        inv = tl.rsqrt((tl.sum(a * a, axis=0) + tl.sum(b * b, axis=0)) / (2 * HALF) + eps)
+        x1 = (tl.load(w_ptr + d).to(tl.float32) * (a * inv).to(dtype).to(tl.float32)).to(dtype)
+        x2 = (tl.load(w_ptr + HALF + d).to(tl.float32) * (b * inv).to(dtype).to(tl.float32)).to(dtype)
+    c1 = tl.load(cos_ptr + t * stride_ct + d).to(dtype).to(tl.float32)  # HF rounds cos/sin to the dtype
+    c2 = tl.load(cos_ptr + t * stride_ct + HALF + d).to(dtype).to(tl.float32)
+    s1 = tl.load(sin_ptr + t * stride_ct + d).to(dtype).to(tl.float32)
+    s2 = tl.load(sin_ptr + t * stride_ct + HALF + d).to(dtype).to(tl.float32)
+    y1, y2 = x1.to(tl.float32), x2.to(tl.float32)
+    # x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1]; each product and the sum rounded.
+    o1 = ((y1 * c1).to(dtype).to(tl.float32) + (-y2 * s1).to(dtype).to(tl.float32)).to(dtype)
+    o2 = ((y2 * c2).to(dtype).to(tl.float32) + (y1 * s2).to(dtype).to(tl.float32)).to(dtype)
+    out = out_ptr + t * stride_ot + h * stride_oh
+    tl.store(out + d, o1)
+    tl.store(out + HALF + d, o2)
+
+
+def norm_and_rotate(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor,
+                    sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, D] (a strided view is fine); cos, sin: [T, D]. RMSNorm per head when `weight` is given
+    (Qwen3's q/k norm), then the rotary embedding. Returns a new [T, heads, D] tensor."""
+    tokens, heads, dim = x.shape
+    if x.stride(-1) != 1 or cos.stride(-1) != 1 or sin.stride() != cos.stride():
+        raise ValueError("x, cos and sin need a unit stride on their last dim, cos and sin the same strides")
+    if dim < 2 or dim & (dim - 1):
+        raise ValueError(f"head_dim must be a power of two, got {dim}")
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if tokens:
+        _norm_rotate_kernel[(tokens, heads)](
+            x, weight if weight is not None else x, cos, sin, out, x.stride(0), x.stride(1), cos.stride(0),
+            out.stride(0), out.stride(1), eps, NORM=weight is not None, HALF=dim // 2,
+            num_warps=1)  # one head is a few hundred bytes: one warp, many programs
+    return out
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_xt, stride_ot, n, BLOCK: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n
+    gate = tl.load(x_ptr + t * stride_xt + cols, mask=mask, other=0.0)
+    up = tl.load(x_ptr + t * stride_xt + n + cols, mask=mask, other=0.0)
+    g = gate.to(tl.float32)
+    silu = (g / (1.0 + tl.exp(-g))).to(gate.dtype)  # rounded, as torch's F.silu returns the input dtype
+    tl.store(out_ptr + t * stride_ot + cols, (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype), mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x: [T, 2n] (gate, then up) -> silu(gate) * up, [T, n]."""
+    tokens, n = x.shape[0], x.shape[1] // 2
+    if x.stride(-1) != 1:
+        raise ValueError("x needs a unit stride on its last dim")
+    out = torch.empty(tokens, n, dtype=x.dtype, device=x.device)
+    if tokens:
+        block = min(1024, triton.next_power_of_2(n))
+        _silu_and_mul_kernel[(tokens, triton.cdiv(n, block))](x, out, x.stride(0), out.stride(0), n, BLOCK=block)
+    return out

@@ -3,7 +3,6 @@ import math
 import torch
 from torch import nn
 
-from nanovllm.utils.compile import compile_on_cuda
 
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
@@ -38,9 +37,9 @@ class RotaryEmbedding(nn.Module):
         return self.cos[positions], self.sin[positions]
 
 
-@compile_on_cuda
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """q: [T, Hq, D], k: [T, Hkv, D]. Like Hugging Face, cos/sin are rounded to the activations' dtype."""
+    """q: [T, Hq, D], k: [T, Hkv, D]. Like Hugging Face, cos/sin are rounded to the activations' dtype.
+    (On CUDA the model runs layers/kernels.py's norm_and_rotate instead; this is its reference.)"""
     cos = cos.to(q.dtype).unsqueeze(1)
     sin = sin.to(q.dtype).unsqueeze(1)
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

@@ -19,7 +19,6 @@ from nanovllm.layers.linear import (SINGLE, MergedColumnParallelLinear, QKVParal
                                     TensorParallelGroup)
 from nanovllm.layers.norm import RMSNorm, rms_norm
 from nanovllm.layers.rotary import RotaryEmbedding, apply_rotary
-from nanovllm.utils.compile import compile_on_cuda
 from nanovllm.utils.context import Context
 
 
@@ -51,10 +50,8 @@ class DecoderAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = norm_and_rotate(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, *rope)
-        else:
-            q, k = apply_rotary(q, k, *rope)
+        q_weight, k_weight = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm else (None, None)
+        q, k = norm_and_rotate(q, k, q_weight, k_weight, self.q_norm.eps if self.qk_norm else 0.0, *rope)
         return q, k, v
 
 
@@ -71,15 +68,21 @@ class MLP(nn.Module):
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
-@compile_on_cuda
 def norm_and_rotate(q, k, q_weight, k_weight, eps: float, cos, sin):
-    """Qwen3's per-head q/k RMSNorm and the rotary embedding, fused on CUDA."""
-    q, k = rms_norm.__wrapped__(q, q_weight, eps), rms_norm.__wrapped__(k, k_weight, eps)
-    return apply_rotary.__wrapped__(q, k, cos, sin)
+    """Qwen3's per-head q/k RMSNorm (when the weights are given) and the rotary embedding; on CUDA one Triton
+    kernel for q and one for k."""
+    if q.is_cuda:
+        from nanovllm.layers import kernels  # imported late: tests set TRITON_INTERPRET first
+        return (kernels.norm_and_rotate(q, q_weight, eps, cos, sin), kernels.norm_and_rotate(k, k_weight, eps, cos, sin))
+    if q_weight is not None:
+        q, k = rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps)
+    return apply_rotary(q, k, cos, sin)
 
 
-@compile_on_cuda
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    if gate_up.is_cuda:
+        from nanovllm.layers import kernels
+        return kernels.silu_and_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 

@@ -7,10 +7,10 @@ import torch
 def compile_on_cuda(fn):
     """torch.compile `fn` for CUDA tensors (the first argument decides); run it as written elsewhere.
 
-    Fusing the small elementwise steps around each matmul (norms, rotary, SiLU) cuts a decode step's
-    kernel count several-fold, which is most of its time at small batches. The CPU path stays eager and
-    exact, so that the tests on CPU compare it with transformers op for op.
-    Set NANOVLLM_NO_COMPILE=1 to run everything eagerly.
+    Used for the sampler's Gumbel-max pass (one fused kernel instead of five). The layers' small elementwise
+    steps have hand-written Triton kernels instead (layers/kernels.py): a compiled call costs ~90 us of host
+    time, which eager prompt steps would pay ~100 times per step. The CPU path stays eager and exact.
+    Set NANOVLLM_NO_COMPILE=1 to run it eagerly.
     """
     compiled = None
 
