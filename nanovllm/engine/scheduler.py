@@ -508,6 +508,8 @@ def model_sizes(hf, itemsize: int) -> tuple[int, int]:
     params = hf.num_hidden_layers * (hf.hidden_size * (hf.num_attention_heads + kv_heads) * head_dim * 2
                                      + 3 * hf.hidden_size * hf.intermediate_size)
     return params, 2 * hf.num_hidden_layers * kv_heads * head_dim * itemsize
+
+
 MAX_MOVES_PER_STEP = 4
 REBALANCE_GAP = 0.1  # a gap under this share of the total load is left alone: moves cost a copy and a step
 
