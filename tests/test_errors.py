@@ -282,6 +282,18 @@ def test_tied_lm_head_and_rotary_buffers_in_the_checkpoint_are_fine(qwen3_path, 
             == LLM(qwen3_path, **SMALL).generate([[1, 2, 3]], params, use_tqdm=False))
 
 
+def test_a_tied_lm_head_that_differs_from_the_embeddings_is_refused(qwen3_path, tmp_path):
+    """config.json ties the LM head to the embeddings, but the checkpoint holds an lm_head.weight of its own
+    (untied by a fine-tune, config left as it was): using the embeddings would silently give other tokens than
+    transformers, which then keeps both. The config must say which one is meant."""
+    def untie(tensors):
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].flip(0)
+    path = _edit_weights(qwen3_path, tmp_path / "m", untie)
+    with pytest.raises(ValueError, match=r"ties lm_head\.weight to model\.embed_tokens\.weight "
+                                         r"\(tie_word_embeddings\), but the checkpoint's lm_head\.weight differs"):
+        LLM(path, **SMALL)
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_unreadable_safetensors_file(qwen3_path, tmp_path, damage):
     shutil.copytree(qwen3_path, tmp_path / "m")
