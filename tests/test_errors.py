@@ -267,8 +267,12 @@ def _edit_weights(src, dst, edit):
 
 
 def test_missing_weights(qwen3_path, tmp_path):
-    path = _edit_weights(qwen3_path, tmp_path / "m", lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
-    with pytest.raises(ValueError, match="missing weights for: model.layers.1.mlp.gate_up_proj.weight"):
+    """The error names the tensors as the checkpoint would (up_proj), not as the model fuses them (gate_up_proj)."""
+    def drop(tensors):
+        del tensors["model.layers.1.mlp.up_proj.weight"], tensors["model.norm.weight"]
+    path = _edit_weights(qwen3_path, tmp_path / "m", drop)
+    with pytest.raises(ValueError, match=r"missing tensor\(s\): model\.layers\.1\.mlp\.up_proj\.weight, "
+                                         r"model\.norm\.weight$"):
         LLM(path, **SMALL)
 
 

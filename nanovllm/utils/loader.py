@@ -43,9 +43,10 @@ def load_model(model: nn.Module, path: str):
     provided = defaultdict(set)
     for param, shard_id in targets.values():
         provided[param].add(shard_id)
-    missing = [name for name in params if provided[name] != _parts(name, packed)]
+    missing = [tensor for name in params
+               for tensor in _checkpoint_names(name, _parts(name, packed) - provided[name], packed)]
     if missing:
-        raise ValueError(f"checkpoint {path!r} is missing weights for: {_some(missing)}")
+        raise ValueError(f"checkpoint {path!r} is missing tensor(s): {_some(missing)}")
     for name, source in tied.items():
         if name in where and source in where and not torch.equal(_read(where[name], name),
                                                                  _read(where[source], source)):
@@ -118,6 +119,14 @@ def _parts(param_name: str, packed: dict) -> set:
     """The shard ids a parameter must receive: each part of a fused one, else just None."""
     module = param_name.split(".")[-2] if "." in param_name else ""
     return {shard_id for fused, shard_id in packed.values() if fused == module} or {None}
+
+
+def _checkpoint_names(param_name: str, shard_ids: set, packed: dict) -> list[str]:
+    """The checkpoint tensors that hold these parts of a parameter: for a fused one, its parts' names."""
+    if shard_ids == {None}:
+        return [param_name]
+    return [param_name.replace(f".{fused}.", f".{part}.") for part, (fused, shard_id) in packed.items()
+            if shard_id in shard_ids and f".{fused}." in param_name]
 
 
 def _some(names: list[str], n: int = 8) -> str:
