@@ -206,6 +206,16 @@ def test_rotary_scaling_it_does_not_implement_is_refused_before_loading(scaling,
         Config(path, device="cpu")
 
 
+@pytest.mark.parametrize("method", ["fp8", "awq"])
+def test_a_quantized_checkpoint_is_refused_before_loading(method, qwen3_path, tmp_path):
+    """Its weights are packed integers or fp8 with scales beside them: not a list of tensors that 'does not
+    match config.json', and never to be read as plain weights."""
+    path = _broken_copy(qwen3_path, tmp_path / "m", lambda c: c.update(quantization_config={"quant_method": method}))
+    with pytest.raises(ValueError, match=f"{path}: config.json has a quantization_config "
+                                         f"\\(quant_method='{method}'\\); quantized checkpoints are not supported"):
+        Config(path, device="cpu")
+
+
 def test_malformed_config_json(qwen3_path, tmp_path, no_weights_load):
     path = shutil.copytree(qwen3_path, tmp_path / "m")
     config_json = os.path.join(path, "config.json")
