@@ -282,6 +282,11 @@ def load_hf_config(model_dir: str) -> PretrainedConfig:
     architecture = architectures[0]
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"unsupported architecture {architecture!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    quantization = raw.get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+        raise ValueError(f"{model_dir}: config.json has a quantization_config (quant_method={method!r}); quantized "
+                         f"checkpoints are not supported here: use the model's unquantized (bf16/fp16/fp32) weights")
     hf_config = AutoConfig.from_pretrained(model_dir)
     if getattr(hf_config, "hidden_act", "silu") != "silu":
         raise ValueError(f"unsupported hidden_act {hf_config.hidden_act!r}; only silu is supported")

@@ -206,6 +206,16 @@ def test_rotary_scaling_it_does_not_implement_is_refused_before_loading(scaling,
         Config(path, device="cpu")
 
 
+@pytest.mark.parametrize("method", ["fp8", "awq"])
+def test_a_quantized_checkpoint_is_refused_before_loading(method, qwen3_path, tmp_path):
+    """Its weights are packed integers or fp8 with scales beside them: not a list of tensors that 'does not
+    match config.json', and never to be read as plain weights."""
+    path = _broken_copy(qwen3_path, tmp_path / "m", lambda c: c.update(quantization_config={"quant_method": method}))
+    with pytest.raises(ValueError, match=f"{path}: config.json has a quantization_config "
+                                         f"\\(quant_method='{method}'\\); quantized checkpoints are not supported"):
+        Config(path, device="cpu")
+
+
 def test_malformed_config_json(qwen3_path, tmp_path, no_weights_load):
     path = shutil.copytree(qwen3_path, tmp_path / "m")
     config_json = os.path.join(path, "config.json")
@@ -267,8 +277,12 @@ def _edit_weights(src, dst, edit):
 
 
 def test_missing_weights(qwen3_path, tmp_path):
-    path = _edit_weights(qwen3_path, tmp_path / "m", lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
-    with pytest.raises(ValueError, match="missing weights for: model.layers.1.mlp.gate_up_proj.weight"):
+    """The error names the tensors as the checkpoint would (up_proj), not as the model fuses them (gate_up_proj)."""
+    def drop(tensors):
+        del tensors["model.layers.1.mlp.up_proj.weight"], tensors["model.norm.weight"]
+    path = _edit_weights(qwen3_path, tmp_path / "m", drop)
+    with pytest.raises(ValueError, match=r"missing tensor\(s\): model\.layers\.1\.mlp\.up_proj\.weight, "
+                                         r"model\.norm\.weight$"):
         LLM(path, **SMALL)
 
 
@@ -280,6 +294,18 @@ def test_tied_lm_head_and_rotary_buffers_in_the_checkpoint_are_fine(qwen3_path, 
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     assert (LLM(path, **SMALL).generate([[1, 2, 3]], params, use_tqdm=False)
             == LLM(qwen3_path, **SMALL).generate([[1, 2, 3]], params, use_tqdm=False))
+
+
+def test_a_tied_lm_head_that_differs_from_the_embeddings_is_refused(qwen3_path, tmp_path):
+    """config.json ties the LM head to the embeddings, but the checkpoint holds an lm_head.weight of its own
+    (untied by a fine-tune, config left as it was): using the embeddings would silently give other tokens than
+    transformers, which then keeps both. The config must say which one is meant."""
+    def untie(tensors):
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].flip(0)
+    path = _edit_weights(qwen3_path, tmp_path / "m", untie)
+    with pytest.raises(ValueError, match=r"ties lm_head\.weight to model\.embed_tokens\.weight "
+                                         r"\(tie_word_embeddings\), but the checkpoint's lm_head\.weight differs"):
+        LLM(path, **SMALL)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])

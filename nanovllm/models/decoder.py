@@ -178,9 +178,10 @@ class DecoderForCausalLM(nn.Module):
         tied = getattr(config, "tie_word_embeddings", False)
         self.lm_head = self.model.embed_tokens if tied else VocabParallelEmbedding(config.vocab_size,
                                                                                    config.hidden_size, tp)
-        # Checkpoint tensors the loader may skip: rotary tables some checkpoints carry, and the copy of
-        # tied embeddings that some save as lm_head.
-        self.skipped_checkpoint_tensors = ("rotary_emb.inv_freq",) + (("lm_head.weight",) if tied else ())
+        # Checkpoint tensors the loader may skip: rotary tables some checkpoints carry.
+        self.skipped_checkpoint_tensors = ("rotary_emb.inv_freq",)
+        # Tied: the copy of the embeddings that some checkpoints save as lm_head (it must be a copy).
+        self.tied_checkpoint_tensors = {"lm_head.weight": "model.embed_tokens.weight"} if tied else {}
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Context) -> torch.Tensor:
         return self.model(input_ids, positions, ctx)
