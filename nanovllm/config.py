@@ -55,7 +55,7 @@ class Config:
         self._resolve_devices()
         self.hf_config = load_hf_config(self.model)
         self._check_tensor_parallel_split()
-        self.max_model_len = min(self.max_model_len, self.hf_config.max_position_embeddings)
+        self._fit_max_model_len()
         self._check_sliding_window()
         self._check_rope()
         for name in ("num_kv_cache_blocks", "num_prefill_kv_cache_blocks"):  # given ones: before weights load
@@ -172,6 +172,17 @@ class Config:
         if kv_heads % tp and tp % kv_heads:
             raise ValueError(f"tensor_parallel_size={tp} and the model's num_key_value_heads ({kv_heads}) must "
                              f"divide one another")
+
+    def _fit_max_model_len(self):
+        """The model was trained up to max_position_embeddings: cap max_model_len there. Said aloud when the user
+        asked for more (the default, 4096, is capped quietly for models trained on less)."""
+        positions = self.hf_config.max_position_embeddings
+        if self.max_model_len > positions:
+            asked = self.max_model_len != Config.max_model_len
+            (logger.warning if asked else logger.info)(
+                f"max_model_len={self.max_model_len} is more than the model's max_position_embeddings ({positions}) "
+                f"in config.json: using max_model_len={positions}")
+            self.max_model_len = positions
 
     def _check_sliding_window(self):
         """Every layer here attends over the whole sequence. A sliding-window layer (Qwen2/Qwen3 with

@@ -370,3 +370,15 @@ def test_the_example_sends_one_bos_where_the_chat_template_writes_it():
     assert tokenizer.encode("hi")[:2] == [bos, tokenizer.encode("hi", add_special_tokens=False)[0]]
     [prompt] = chat_prompts(tokenizer, ["hi"])
     assert prompt[0] == bos and prompt.count(bos) == 1
+
+
+def test_max_model_len_over_the_models_positions_is_capped_aloud(qwen3_path, monkeypatch):
+    """The model was trained up to max_position_embeddings; asking for more gets that, and a warning that says so."""
+    import logging
+    warnings = []
+    monkeypatch.setattr(logging.getLogger("nanovllm"), "warning", warnings.append)
+    positions = json.load(open(os.path.join(qwen3_path, "config.json")))["max_position_embeddings"]
+    config = Config(qwen3_path, device="cpu", max_model_len=positions + 1, num_kv_cache_blocks=1024)
+    assert config.max_model_len == positions
+    assert any(f"max_model_len={positions + 1} is more than the model's max_position_embeddings ({positions})" in w
+               for w in warnings), warnings
