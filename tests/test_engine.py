@@ -136,6 +136,23 @@ def test_step_api_streams_tokens(qwen3_path):
     assert [finished[i] for i in ids] == hf_greedy(qwen3_path, prompts, GREEDY.max_tokens)
 
 
+def test_step_api_finishes_with_the_text_generate_returns(qwen3_path):
+    """CPU, fp32: a finished StepOutput carries the completion's text, the same as generate() returns for the
+    same request, whether it ended at max_tokens or at a stop string (not None unless a stop string cut it)."""
+    engine = LLMEngine(qwen3_path, **SMALL)
+    prompt = random_prompts(1, 5, 20, seed=12)[0]
+    [full] = engine.generate([prompt], GREEDY, use_tqdm=False)
+    params = [GREEDY, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=full["text"][5:8])]
+    expected = engine.generate([prompt, prompt], params, use_tqdm=False)
+    ids = [engine.add_request(prompt, p) for p in params]
+    finished = {}
+    while not engine.is_finished():
+        finished.update((out.request_id, out) for out in engine.step() if out.finished)
+    assert [finished[i].text for i in ids] == [o["text"] for o in expected]
+    assert [finished[i].finish_reason for i in ids] == ["length", "stop"]
+    assert finished[ids[0]].text == engine.tokenizer.decode(full["token_ids"], skip_special_tokens=True)
+
+
 def test_generate_keeps_the_outputs_of_requests_it_did_not_add(qwen3_path):
     """A request added with add_request() may finish while generate() runs others: its outputs wait for step()."""
     engine = LLMEngine(qwen3_path, **SMALL)

@@ -46,7 +46,7 @@ class StepOutput:
     finished: bool
     finish_reason: str | None = None  # "stop", "length", "abort" or "error"
     token_ids: list[int] | None = None
-    text: str | None = None  # set when a stop string cut the completion's text
+    text: str | None = None  # the completion's text, once finished (cut at a stop string); None without a tokenizer
     error: str | None = None  # why it failed, for finish_reason "error"
 
 
@@ -259,7 +259,15 @@ class LLMEngine:
         if not seq.is_finished:
             return StepOutput(seq.seq_id, token_id, False)
         self.requests.pop(seq.seq_id, None)
-        return StepOutput(seq.seq_id, token_id, True, seq.finish_reason, seq.completion_token_ids, seq.text, seq.error)
+        token_ids = seq.completion_token_ids
+        return StepOutput(seq.seq_id, token_id, True, seq.finish_reason, token_ids, self._text(seq, token_ids),
+                          seq.error)
+
+    def _text(self, seq: Sequence, token_ids: list[int]) -> str | None:
+        """What generate() returns as text, so that step() users get the same: the stop-cut text, else all of it."""
+        if seq.text is not None or self.tokenizer is None:
+            return seq.text
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     def _report(self, seq: Sequence):
         """A request ended outside a step: deliver its output with the next step."""
@@ -404,10 +412,7 @@ class LLMEngine:
         return results
 
     def _result(self, out: StepOutput) -> dict:
-        text = out.text
-        if text is None and self.tokenizer is not None:
-            text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
-        result = {"text": text, "token_ids": out.token_ids, "finish_reason": out.finish_reason}
+        result = {"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason}
         if out.error is not None:
             result["error"] = out.error
         return result
