@@ -44,7 +44,7 @@ class Sequence:
         self.finish_reason: str | None = None  # "stop", "length", "abort" or "error"
         self.error: str | None = None
         self.text: str | None = None  # set when a stop string cut the completion
-        self.detokenizer = None  # incremental detokenizer state, for stop strings (see engine/stop.py)
+        self.detokenizer = None  # incremental detokenizer state, for stop strings (see engine/detokenizer.py)
 
     def __len__(self):
         return self.num_tokens
