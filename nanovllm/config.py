@@ -206,6 +206,11 @@ class Config:
             raise ValueError(f"{self.model}: config.json asks for rotary scaling rope_type={rope_type!r} (rope_scaling "
                              f"or rope_parameters), which is not implemented here; supported: "
                              f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+        partial = rope_parameters(self.hf_config).get("partial_rotary_factor",
+                                                      getattr(self.hf_config, "partial_rotary_factor", None))
+        if partial not in (None, 1, 1.0):
+            raise ValueError(f"{self.model}: config.json asks for partial_rotary_factor={partial} (rotary embedding on "
+                             f"part of each head), which is not implemented here")
 
     def _resolve_dtype(self) -> torch.dtype:
         if self.dtype is None:

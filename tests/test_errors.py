@@ -206,6 +206,13 @@ def test_rotary_scaling_it_does_not_implement_is_refused_before_loading(scaling,
         Config(path, device="cpu")
 
 
+def test_partial_rotary_is_refused_before_loading(qwen3_path, tmp_path):
+    """Rotary embedding on part of each head (partial_rotary_factor < 1) is not implemented: refused, never ignored."""
+    path = _broken_copy(qwen3_path, tmp_path / "m", lambda c: c.update(partial_rotary_factor=0.5))
+    with pytest.raises(ValueError, match=f"{path}: config.json asks for partial_rotary_factor=0.5"):
+        Config(path, device="cpu")
+
+
 @pytest.mark.parametrize("method", ["fp8", "awq"])
 def test_a_quantized_checkpoint_is_refused_before_loading(method, qwen3_path, tmp_path):
     """Its weights are packed integers or fp8 with scales beside them: not a list of tensors that 'does not
