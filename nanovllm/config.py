@@ -58,6 +58,7 @@ class Config:
         self._fit_max_model_len()
         self._check_sliding_window()
         self._check_rope()
+        self._check_head_dim()
         for name in ("num_kv_cache_blocks", "num_prefill_kv_cache_blocks"):  # given ones: before weights load
             if getattr(self, name) > 0:
                 check_kv_pool(getattr(self, name), self.max_model_len, self.kv_cache_block_size, f"{name}: ")
@@ -211,6 +212,15 @@ class Config:
         if partial not in (None, 1, 1.0):
             raise ValueError(f"{self.model}: config.json asks for partial_rotary_factor={partial} (rotary embedding on "
                              f"part of each head), which is not implemented here")
+
+    def _check_head_dim(self):
+        """On CUDA the KV-cache, decode-attention and rotary kernels (Triton) take a head as one power-of-two block;
+        other sizes (say 80 or 100) would fail inside a kernel at warm-up, after the weights load."""
+        hf = self.hf_config
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        if self.device.startswith("cuda") and head_dim & (head_dim - 1):
+            raise ValueError(f"{self.model}: head_dim={head_dim} (config.json) is not a power of two, which this "
+                             f"engine's CUDA kernels need; it runs on the CPU (device='cpu')")
 
     def _resolve_dtype(self) -> torch.dtype:
         if self.dtype is None:

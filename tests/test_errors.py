@@ -213,6 +213,16 @@ def test_partial_rotary_is_refused_before_loading(qwen3_path, tmp_path):
         Config(path, device="cpu")
 
 
+def test_a_head_size_the_cuda_kernels_cannot_take_is_refused_before_loading(qwen3_path, tmp_path, monkeypatch):
+    """The Triton kernels take a head as one power-of-two block: on CUDA, head_dim 80 or 100 is refused up front
+    (not at warm-up, inside a kernel). The CPU runs it."""
+    path = _broken_copy(qwen3_path, tmp_path / "m", lambda c: c.update(head_dim=24))
+    assert Config(path, device="cpu").hf_config.head_dim == 24
+    monkeypatch.setattr(Config, "_resolve_devices", lambda self: setattr(self, "device", "cuda:0"))  # as on a GPU box
+    with pytest.raises(ValueError, match=f"{path}: head_dim=24 \\(config.json\\) is not a power of two"):
+        Config(path)
+
+
 @pytest.mark.parametrize("method", ["fp8", "awq"])
 def test_a_quantized_checkpoint_is_refused_before_loading(method, qwen3_path, tmp_path):
     """Its weights are packed integers or fp8 with scales beside them: not a list of tensors that 'does not
