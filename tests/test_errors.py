@@ -362,8 +362,9 @@ def test_block_size_must_be_a_power_of_two(qwen3_path):
         LLM(qwen3_path, **dict(SMALL, kv_cache_block_size=48))
 
 
-@pytest.mark.parametrize("flags, message", [(["--max-tokens", "0"], "--max-tokens: must be a positive integer, got '0'"),
-                                            (["--model", "/no/such/dir"], "--model /no/such/dir: no config.json there")])
+@pytest.mark.parametrize("flags, message", [
+    (["--max-tokens", "0"], "--max-tokens: must be a positive integer, got '0'"),
+    (["--model", "/no/such/dir"], "--model /no/such/dir: no config.json there")])
 def test_the_example_refuses_bad_flags_before_loading_a_model(flags, message):
     example = Path(__file__).resolve().parents[1] / "example_two_gpu.py"
     run = subprocess.run([sys.executable, str(example), *flags], capture_output=True, text=True,

@@ -73,7 +73,8 @@ def norm_and_rotate(q, k, q_weight, k_weight, eps: float, cos, sin):
     kernel for q and one for k."""
     if q.is_cuda:
         from nanovllm.layers import kernels  # imported late: tests set TRITON_INTERPRET first
-        return (kernels.norm_and_rotate(q, q_weight, eps, cos, sin), kernels.norm_and_rotate(k, k_weight, eps, cos, sin))
+        q = kernels.norm_and_rotate(q, q_weight, eps, cos, sin)
+        return q, kernels.norm_and_rotate(k, k_weight, eps, cos, sin)
     if q_weight is not None:
         q, k = rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps)
     return apply_rotary(q, k, cos, sin)
