@@ -139,3 +139,15 @@ def test_a_pool_that_is_accepted_serves_the_longest_prompt():
             steps += 1
         assert q.finish_reason == "length" and q.num_tokens == max_model_len, num_blocks
         assert s.block_managers[0].num_free_blocks == num_blocks
+
+
+def test_static_pd_admits_no_more_than_max_num_seqs():
+    """A finished prompt waits on worker 0 until its copy to worker 1 starts: it still counts as in flight."""
+    c = config(enable_two_gpu_pd=True, pd_policy="static", max_num_seqs=2)
+    s = Scheduler(c, [BlockManager(100, c.kv_cache_block_size), BlockManager(100, c.kv_cache_block_size)])
+    seqs = [make(10) for _ in range(4)]
+    for q in seqs:
+        s.add(q)
+    step(s)  # prefills two prompts: they wait on worker 0 for their copies
+    assert not step(s).prefills  # the other two wait too
+    assert [q.status for q in seqs[2:]] == [SequenceStatus.WAITING] * 2

@@ -406,7 +406,8 @@ class StaticPD(SingleDevice):
 
     def can_admit(self, seq: Sequence) -> bool:
         s = self.scheduler
-        in_flight = len(s.decoding[1]) + len(s.migrating) + len(s.prefilling[0])
+        # decoding[0]: prompts done on worker 0 whose copies have not started yet
+        in_flight = len(s.decoding[0]) + len(s.decoding[1]) + len(s.migrating) + len(s.prefilling[0])
         return in_flight < s.max_num_seqs and s.block_managers[1].num_free_blocks - seq.num_blocks >= s.watermark(1)
 
     def admitted(self, seq: Sequence):
