@@ -151,3 +151,15 @@ def test_static_pd_admits_no_more_than_max_num_seqs():
     step(s)  # prefills two prompts: they wait on worker 0 for their copies
     assert not step(s).prefills  # the other two wait too
     assert [q.status for q in seqs[2:]] == [SequenceStatus.WAITING] * 2
+
+
+def test_without_chunking_a_started_prompt_goes_before_decodes():
+    """chunked_prefill_tokens=0: prompts run first, in steps of their own. A prompt that only part of a step's
+    budget could start is finished in the next step, not after every running sequence has ended."""
+    s = scheduler(100, chunked_prefill_tokens=0)
+    first, second = make(30), make(50)
+    s.add(first)
+    s.add(second)
+    assert [(end - start) for _, start, end in step(s).prefills] == [30, 34]  # the budget is 64
+    nxt = step(s)
+    assert not nxt.decodes and [(q, end - start) for q, start, end in nxt.prefills] == [(second, 16)]

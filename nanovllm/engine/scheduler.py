@@ -117,7 +117,7 @@ class Scheduler:
     def _schedule_decodes(self, batch: Batch):
         """One token for each sequence decoding here; when blocks run out, the newest sequences are preempted.
         (The hot loop of the host: it runs for every sequence at every step, so it is written flat.)"""
-        if not self.chunk_tokens and batch.worker == self.policy.prefill_worker and self._can_admit_now(batch.worker):
+        if not self.chunk_tokens and batch.worker == self.policy.prefill_worker and self._prompt_ready(batch.worker):
             return  # chunking off: prompts go first, in steps of their own, and decodes wait (nano-vllm's policy)
         queue, bm, block_size = self.decoding[batch.worker], self.block_managers[batch.worker], self.block_size
         decodes, sampled, epochs = batch.decodes, batch.sampled, batch.epochs
@@ -146,6 +146,11 @@ class Scheduler:
                 return False
         bm.grow(seq)
         return True
+
+    def _prompt_ready(self, worker: int) -> bool:
+        """A prompt chunk can run now: the rest of a prompt that a full step only started, or a new prompt."""
+        return (any(seq.num_pending == 0 and seq.num_computed_tokens < seq.num_tokens for seq in self.prefilling[worker])
+                or self._can_admit_now(worker))
 
     def _can_admit_now(self, worker: int) -> bool:
         if not self.waiting:
