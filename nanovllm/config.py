@@ -202,13 +202,13 @@ class Config:
         """Rotary scaling other than Llama 3's would give other tokens than transformers: refuse it up front."""
         from nanovllm.layers.rotary import SUPPORTED_ROPE_TYPES
         from nanovllm.models.decoder import rope_parameters
-        rope_type = rope_parameters(self.hf_config).get("rope_type", "default")
+        params = rope_parameters(self.hf_config)
+        rope_type = params.get("rope_type", "default")
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(f"{self.model}: config.json asks for rotary scaling rope_type={rope_type!r} (rope_scaling "
                              f"or rope_parameters), which is not implemented here; supported: "
                              f"{', '.join(SUPPORTED_ROPE_TYPES)}")
-        partial = rope_parameters(self.hf_config).get("partial_rotary_factor",
-                                                      getattr(self.hf_config, "partial_rotary_factor", None))
+        partial = params.get("partial_rotary_factor", getattr(self.hf_config, "partial_rotary_factor", None))
         if partial not in (None, 1, 1.0):
             raise ValueError(f"{self.model}: config.json asks for partial_rotary_factor={partial} (rotary embedding on "
                              f"part of each head), which is not implemented here")
@@ -216,8 +216,8 @@ class Config:
     def _check_head_dim(self):
         """On CUDA the KV-cache, decode-attention and rotary kernels (Triton) take a head as one power-of-two block;
         other sizes (say 80 or 100) would fail inside a kernel at warm-up, after the weights load."""
-        hf = self.hf_config
-        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        from nanovllm.models.decoder import head_dim_of
+        head_dim = head_dim_of(self.hf_config)
         if self.device.startswith("cuda") and head_dim & (head_dim - 1):
             raise ValueError(f"{self.model}: head_dim={head_dim} (config.json) is not a power of two, which this "
                              f"engine's CUDA kernels need; it runs on the CPU (device='cpu')")

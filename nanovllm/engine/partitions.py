@@ -370,11 +370,12 @@ class StepCost:
 
     def __init__(self, hf, dtype: torch.dtype):
         from nanovllm.engine.scheduler import MATMUL_PER_BYTE, model_sizes  # scheduler imports config, which imports this
+        from nanovllm.models.decoder import head_dim_of
         self.matmul_per_byte = MATMUL_PER_BYTE
         self.params, self.kv_bytes_per_token = model_sizes(hf, dtype.itemsize)
         self.weight_bytes = self.params * dtype.itemsize
-        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-        self.attention_flops_per_pair = 4 * hf.num_hidden_layers * hf.num_attention_heads * head_dim  # per (q, k) pair
+        # per (q, k) pair
+        self.attention_flops_per_pair = 4 * hf.num_hidden_layers * hf.num_attention_heads * head_dim_of(hf)
 
     def decode(self, inputs) -> float:
         """Of a step's decodes (inputs: StepInputs; row 4 of `decode` holds the context lengths)."""

@@ -18,6 +18,7 @@ from typing import Callable
 from nanovllm.config import Config, admission_watermark, check_kv_pool
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.sequence import Sequence, SequenceStatus
+from nanovllm.models.decoder import head_dim_of
 
 DECODING, FINISHED, PREFILLING = SequenceStatus.DECODING, SequenceStatus.FINISHED, SequenceStatus.PREFILLING
 
@@ -149,7 +150,8 @@ class Scheduler:
 
     def _prompt_ready(self, worker: int) -> bool:
         """A prompt chunk can run now: the rest of a prompt that a full step only started, or a new prompt."""
-        return (any(seq.num_pending == 0 and seq.num_computed_tokens < seq.num_tokens for seq in self.prefilling[worker])
+        started = self.prefilling[worker]
+        return (any(seq.num_pending == 0 and seq.num_computed_tokens < seq.num_tokens for seq in started)
                 or self._can_admit_now(worker))
 
     def _can_admit_now(self, worker: int) -> bool:
@@ -510,7 +512,7 @@ MATMUL_PER_BYTE = 250  # flop/s over bytes/s: H100 ~295, H200 ~206
 def model_sizes(hf, itemsize: int) -> tuple[int, int]:
     """(matmul parameters of the layers, KV bytes per token): what the cost models weigh work by."""
     kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
-    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    head_dim = head_dim_of(hf)
     params = hf.num_hidden_layers * (hf.hidden_size * (hf.num_attention_heads + kv_heads) * head_dim * 2
                                      + 3 * hf.hidden_size * hf.intermediate_size)
     return params, 2 * hf.num_hidden_layers * kv_heads * head_dim * itemsize
