@@ -1,6 +1,13 @@
-"""Where does a prompt step's launch spend its host time? (issue 10/11 diagnostic, not part of the product)
-Runs prompt-heavy work on cuda:0 and, for a few prompt steps: launch time with the GPU idle before it, PyTorch's
-sync debug mode (with stacks), and a cProfile of the launch."""
+"""Where a prompt step's launch spends host time, on one GPU (cuda:0).
+
+    python benchmarks/prompt_step_host.py /path/to/checkpoint     # e.g. a random Qwen3-0.6B (bench.py makes one)
+
+Runs 96 prompts of 800-2000 tokens (48 output tokens each) and reports, for the steps that carry prompt tokens:
+the host time of the launch; for steps 2 and 6, with the GPU idle before (synchronized), the launch's host time and
+the time until the GPU is done: equal times mean the GPU waited on the host for the whole step. Step 3 runs under
+PyTorch's sync debug mode (a warning with its stack for each synchronizing call it detects) and steps 4 and 5 under
+cProfile (functions by own time). A diagnostic, not a benchmark: the profiler inflates the host times it reports.
+"""
 import cProfile, io, pstats, random, sys, time, traceback, warnings
 import torch
 from nanovllm import LLMEngine, SamplingParams
