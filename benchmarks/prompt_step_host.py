@@ -12,13 +12,13 @@ import cProfile, io, pstats, random, sys, time, traceback, warnings
 import torch
 from nanovllm import LLMEngine, SamplingParams
 
-eng = LLMEngine(sys.argv[1])
-runner = eng.model_runner
+engine = LLMEngine(sys.argv[1])
+runner = engine.model_runner
 rng = random.Random(0)
 for _ in range(96):
-    eng.add_request([rng.randrange(1000, 20000) for _ in range(rng.randint(800, 2000))],
-                    SamplingParams(temperature=0.6, max_tokens=48, ignore_eos=True))
-orig, n = runner.launch, [0]
+    engine.add_request([rng.randrange(1000, 20000) for _ in range(rng.randint(800, 2000))],
+                       SamplingParams(temperature=0.6, max_tokens=48, ignore_eos=True))
+launch, count = runner.launch, [0]
 
 
 def show(message, category, filename, lineno, file=None, line=None):
@@ -28,34 +28,34 @@ def show(message, category, filename, lineno, file=None, line=None):
 
 def traced(batch):
     if not batch.prefills:
-        return orig(batch)
-    n[0] += 1
-    what = f"prompt step {n[0]} ({sum(e - s for _, s, e in batch.prefills)} prompt tokens, {len(batch.decodes)} decodes)"
-    if n[0] in (2, 6):
+        return launch(batch)
+    count[0] += 1
+    what = f"prompt step {count[0]} ({sum(e - s for _, s, e in batch.prefills)} prompt tokens, {len(batch.decodes)} decodes)"
+    if count[0] in (2, 6):
         torch.cuda.synchronize()
-        t = time.perf_counter(); p = orig(batch); h = time.perf_counter() - t
+        t = time.perf_counter(); p = launch(batch); h = time.perf_counter() - t
         torch.cuda.synchronize(); g = time.perf_counter() - t
         print(f"{what}, GPU idle before: host launch {h * 1e3:.1f} ms, launch to done {g * 1e3:.1f} ms", flush=True)
         return p
-    if n[0] == 3:
+    if count[0] == 3:
         warnings.showwarning = show
         torch.cuda.set_sync_debug_mode("warn")
-        t = time.perf_counter(); p = orig(batch); h = time.perf_counter() - t
+        t = time.perf_counter(); p = launch(batch); h = time.perf_counter() - t
         torch.cuda.set_sync_debug_mode(0)
         print(f"{what}: sync debug mode on, host launch {h * 1e3:.1f} ms", flush=True)
         return p
-    if n[0] in (4, 5):
+    if count[0] in (4, 5):
         pr = cProfile.Profile()
-        t = time.perf_counter(); pr.enable(); p = orig(batch); pr.disable(); h = time.perf_counter() - t
+        t = time.perf_counter(); pr.enable(); p = launch(batch); pr.disable(); h = time.perf_counter() - t
         s = io.StringIO(); pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(18)
         print(f"{what}: cProfile, host launch {h * 1e3:.1f} ms\n" + s.getvalue()[-3800:], flush=True)
         return p
-    t = time.perf_counter(); p = orig(batch)
+    t = time.perf_counter(); p = launch(batch)
     print(f"{what}: host launch {(time.perf_counter() - t) * 1e3:.1f} ms", flush=True)
     return p
 
 
-runner.launch = traced
-while not eng.is_finished():
-    eng.step()
-print("done", eng.stats if hasattr(eng, "stats") else "")
+runner.launch = traced  # every launch of the engine loop goes through it
+while not engine.is_finished():
+    engine.step()
+print("done", engine.stats if hasattr(engine, "stats") else "")
