@@ -163,3 +163,20 @@ def test_without_chunking_a_started_prompt_goes_before_decodes():
     assert [(end - start) for _, start, end in step(s).prefills] == [30, 34]  # the budget is 64
     nxt = step(s)
     assert not nxt.decodes and [(q, end - start) for q, start, end in nxt.prefills] == [(second, 16)]
+def test_adaptive_pd_decodes_on_the_decode_worker_while_the_prefill_worker_has_prompts():
+    """Online, worker 0's decodes would wait behind its prompt chunks (the inter-token tail PD exists to remove),
+    and sequences moved there would move back once the prompts' load shows: while worker 0 has prompts, every
+    sequence that fits decodes on worker 1."""
+    c = config(enable_two_gpu_pd=True, hf_config=SimpleNamespace(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                                                                num_attention_heads=4, num_key_value_heads=2))
+    s = Scheduler(c, [BlockManager(100, c.kv_cache_block_size), BlockManager(100, c.kv_cache_block_size)])
+    seqs = [make(30) for _ in range(3)]
+    for q in seqs:
+        s.add(q)
+    step(s)  # two prompts done, the third in progress
+    def decodes_on(q):
+        return q.migration[0] if q.migration else q.worker
+
+    assert [decodes_on(q) for q in seqs[:2]] == [1, 1]
+    s.start_migrations()  # rebalances first: worker 1 carries all the decode load, yet nothing moves back
+    assert [decodes_on(q) for q in seqs[:2]] == [1, 1]

@@ -474,10 +474,16 @@ class AdaptivePD(SingleDevice):
         return (s.block_managers[worker].num_free_blocks - seq.num_blocks >= s.watermark(worker)
                 and len(s.decoding[worker]) < s.max_num_seqs)
 
+    def has_prompt_work(self) -> bool:
+        s = self.scheduler
+        return bool(s.waiting or s.prefilling[self.prefill_worker])
+
     def place(self, seq: Sequence) -> int:
         loads = self.loads()
         loads[seq.worker] -= seq.num_tokens  # counted there while deciding
         target = min(range(len(loads)), key=lambda w: (loads[w], -w))
+        if self.has_prompt_work():  # worker 0's decodes would wait on its prompt chunks: decode elsewhere if there is room
+            target = next((w for w in range(len(loads)) if w != self.prefill_worker and self.has_room(w, seq)), target)
         if target != seq.worker and not self.has_room(target, seq):
             target = seq.worker
         loads[target] += seq.num_tokens
@@ -492,6 +498,8 @@ class AdaptivePD(SingleDevice):
         for _ in range(MAX_MOVES_PER_STEP):
             loads = self.loads()
             busy, idle = sorted(range(len(loads)), key=loads.__getitem__, reverse=True)[:2]
+            if idle == self.prefill_worker and self.has_prompt_work():
+                return  # no moves onto the prefill worker while it has prompts: they would come back (ping-pong)
             gap = loads[busy] - loads[idle]
             if gap < REBALANCE_GAP * sum(loads):
                 return
