@@ -163,6 +163,8 @@ def test_without_chunking_a_started_prompt_goes_before_decodes():
     assert [(end - start) for _, start, end in step(s).prefills] == [30, 34]  # the budget is 64
     nxt = step(s)
     assert not nxt.decodes and [(q, end - start) for q, start, end in nxt.prefills] == [(second, 16)]
+
+
 def test_adaptive_pd_decodes_on_the_decode_worker_while_the_prefill_worker_has_prompts():
     """Online, worker 0's decodes would wait behind its prompt chunks (the inter-token tail PD exists to remove),
     and sequences moved there would move back once the prompts' load shows: while worker 0 has prompts, every
@@ -174,6 +176,7 @@ def test_adaptive_pd_decodes_on_the_decode_worker_while_the_prefill_worker_has_p
     for q in seqs:
         s.add(q)
     step(s)  # two prompts done, the third in progress
+
     def decodes_on(q):
         return q.migration[0] if q.migration else q.worker
 

@@ -433,6 +433,11 @@ class AdaptivePD(SingleDevice):
     `prefill_token_cost` tokens of KV (for a matmul:bandwidth ratio near an H100's). Worker 1 takes every
     sequence while its load stays below worker 0's, so with light traffic this is pure PD and no prefill ever
     pauses a decode; past that, worker 0's spare time and memory decode the rest.
+
+    While worker 0 has prompts to compute, every finished prompt that fits on worker 1 decodes there, and nothing
+    moves onto worker 0: its decodes would wait on its prompt chunks, and sequences moved there would move back once
+    the prompts' load shows (BENCHMARKS.md, session 21: better latency tails online at 32-48 req/s, mixed at 16,
+    about 1.5% slower offline).
     """
 
     def __init__(self, scheduler: Scheduler):
