@@ -5,8 +5,10 @@
 Runs 96 prompts of 800-2000 tokens (48 output tokens each) and reports, for the steps that carry prompt tokens:
 the host time of the launch; for steps 2 and 6, with the GPU idle before (synchronized), the launch's host time and
 the time until the GPU is done: equal times mean the GPU waited on the host for the whole step. Step 3 runs under
-PyTorch's sync debug mode (a warning with its stack for each synchronizing call it detects) and steps 4 and 5 under
-cProfile (functions by own time). A diagnostic, not a benchmark: the profiler inflates the host times it reports.
+PyTorch's sync debug mode (a warning with its stack for each synchronizing call it detects), steps 4 and 5 under
+cProfile (functions by own time), and step 7 under torch.profiler (operators by their own host time, CUDA API calls
+included). A diagnostic, not a benchmark: the profilers inflate the host times they report (cProfile most, for
+Python-heavy calls).
 """
 import cProfile, io, pstats, random, sys, time, traceback, warnings
 import torch
@@ -49,6 +51,13 @@ def traced(batch):
         t = time.perf_counter(); pr.enable(); p = launch(batch); pr.disable(); h = time.perf_counter() - t
         s = io.StringIO(); pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(18)
         print(f"{what}: cProfile, host launch {h * 1e3:.1f} ms\n" + s.getvalue()[-3800:], flush=True)
+        return p
+    if count[0] == 7:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            t = time.perf_counter(); p = launch(batch); h = time.perf_counter() - t
+        print(f"{what}: torch.profiler, host launch {h * 1e3:.1f} ms\n"
+              + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60),
+              flush=True)
         return p
     t = time.perf_counter(); p = launch(batch)
     print(f"{what}: host launch {(time.perf_counter() - t) * 1e3:.1f} ms", flush=True)
