@@ -32,7 +32,8 @@ def traced(batch):
     if not batch.prefills:
         return launch(batch)
     count[0] += 1
-    what = f"prompt step {count[0]} ({sum(e - s for _, s, e in batch.prefills)} prompt tokens, {len(batch.decodes)} decodes)"
+    prompt_tokens = sum(end - start for _, start, end in batch.prefills)
+    what = f"prompt step {count[0]} ({prompt_tokens} prompt tokens, {len(batch.decodes)} decodes)"
     if count[0] in (2, 6):
         torch.cuda.synchronize()
         t = time.perf_counter(); p = launch(batch); h = time.perf_counter() - t

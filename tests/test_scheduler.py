@@ -169,8 +169,9 @@ def test_adaptive_pd_decodes_on_the_decode_worker_while_the_prefill_worker_has_p
     """Online, worker 0's decodes would wait behind its prompt chunks (the inter-token tail PD exists to remove),
     and sequences moved there would move back once the prompts' load shows: while worker 0 has prompts, every
     sequence that fits decodes on worker 1."""
-    c = config(enable_two_gpu_pd=True, hf_config=SimpleNamespace(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
-                                                                num_attention_heads=4, num_key_value_heads=2))
+    c = config(enable_two_gpu_pd=True, hf_config=SimpleNamespace(num_hidden_layers=2, hidden_size=64,
+                                                                intermediate_size=128, num_attention_heads=4,
+                                                                num_key_value_heads=2))
     s = Scheduler(c, [BlockManager(100, c.kv_cache_block_size), BlockManager(100, c.kv_cache_block_size)])
     seqs = [make(30) for _ in range(3)]
     for q in seqs:

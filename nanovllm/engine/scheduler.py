@@ -487,7 +487,7 @@ class AdaptivePD(SingleDevice):
         loads = self.loads()
         loads[seq.worker] -= seq.num_tokens  # counted there while deciding
         target = min(range(len(loads)), key=lambda w: (loads[w], -w))
-        if self.has_prompt_work():  # worker 0's decodes would wait on its prompt chunks: decode elsewhere if there is room
+        if self.has_prompt_work():  # worker 0's decodes would wait on its prompt chunks: elsewhere if there is room
             target = next((w for w in range(len(loads)) if w != self.prefill_worker and self.has_room(w, seq)), target)
         if target != seq.worker and not self.has_room(target, seq):
             target = seq.worker
