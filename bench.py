@@ -31,7 +31,8 @@ have arrived, steps, and records when each token came back. Per mode and rate: T
 TPOT ((last token - first token) / (tokens - 1), per request), inter-token latency (every gap between a
 request's consecutive tokens, pooled over requests; tokens one step() returns together have a gap of 0), and
 goodput: requests per second that meet both --slo-ttft-ms and --slo-tpot-ms (BENCHMARKS.md says why these
-defaults, and how each figure is defined).
+defaults, and how each figure is defined). --repeat N serves each rate N times, each time with new requests
+(the same for every mode), and reports each run: single runs of a mode can differ a lot (PD's did).
 
 Each mode runs in its own processes, so one mode's memory never shows in another's; a mode's processes
 start each timed run together at a barrier, and its time ends when the last of them is done. A mode that
@@ -83,6 +84,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--online", type=_rates, metavar="RATES",
                    help="comma-separated request rates in req/s: latency under Poisson arrivals, not throughput")
+    p.add_argument("--repeat", type=_positive_int, default=1,
+                   help="online: serve each rate this many times, each time with new requests, to show the spread "
+                        "between runs")
     p.add_argument("--slo-ttft-ms", type=float, default=1000.0, help="goodput: time to first token at most this")
     p.add_argument("--slo-tpot-ms", type=float, default=100.0, help="goodput: time per output token at most this")
     p.add_argument("--timeout", type=_positive_float, default=600.0,
@@ -101,6 +105,8 @@ def parse_args(argv=None):
         low, high = getattr(args, name)
         if low > high:
             p.error(f"--{name.replace('_', '-')} {low} {high}: MIN must not exceed MAX")
+    if args.repeat > 1 and not args.online:
+        p.error("--repeat: only with --online (offline runs are repeated by running bench.py again)")
     if args.online and args.modes and "hf" in args.modes:
         p.error("--modes: hf has no online mode (transformers' generate takes no requests while it runs)")
     args.model = args.model and os.path.expanduser(args.model)  # --model=~/m reaches us unexpanded
@@ -163,13 +169,18 @@ class Request:
 
 
 def timed_runs(args) -> list[list[Request]]:
-    """The requests of each timed run: one offline batch, or one arrival sequence per online rate.
+    """The requests of each timed run: one offline batch, or one arrival sequence per online run (online_runs).
 
-    Each rate gets its own prompts (seed + k): an engine that served the previous rate must find nothing
+    Each run gets its own prompts (seed + k): an engine that served the previous run must find nothing
     of them in its prefix cache."""
     if not args.online:
         return [make_requests(args, args.seed)]
-    return [make_requests(args, args.seed + k, rate) for k, rate in enumerate(args.online)]
+    return [make_requests(args, args.seed + k, rate) for k, (rate, _) in enumerate(online_runs(args))]
+
+
+def online_runs(args) -> list[tuple[float, int]]:
+    """(rate, repetition) of each online timed run, in order: every rate --repeat times."""
+    return [(rate, i) for rate in args.online for i in range(args.repeat)]
 
 
 def make_requests(args, seed: int, rate: float | None = None) -> list[Request]:
@@ -571,7 +582,7 @@ def run_mode(context, mode: str, args, runs: list[list[Request]]) -> list[dict]:
     results = []
     for k, requests in enumerate(runs):
         parts = [sent[k] if k < len(sent) else sent[-1] for sent in received]  # after an error: that error
-        result = dict(mode=mode, **({"rate": args.online[k]} if args.online else {}))
+        result = dict(mode=mode, **(dict(zip(("rate", "repeat"), online_runs(args)[k])) if args.online else {}))
         errors = [p["error"] for p in parts if "error" in p]
         if errors:
             result["error"] = min(errors, key=lambda e: e == SIBLING_FAILED)  # the cause, not its echo
@@ -707,11 +718,12 @@ def print_online(report: dict):
         print(header)
         print("-" * len(header))
         for res in results:
+            label = res["mode"] + (f" #{res['repeat'] + 1}" if report.get("repeat", 1) > 1 else "")
             if "error" in res:
-                print(f"{res['mode']:<10}failed: {res['error']}")
+                print(f"{label:<10}failed: {res['error']}")
                 continue
             t, p, i = res["ttft_ms"], res["tpot_ms"], res["itl_ms"]
-            print(f"{res['mode']:<10}{_ms(t['p50']):>10}{_ms(t['p99']):>8}{_ms(p['p50']):>10}{_ms(p['p99']):>8}"
+            print(f"{label:<10}{_ms(t['p50']):>10}{_ms(t['p99']):>8}{_ms(p['p50']):>10}{_ms(p['p99']):>8}"
                   f"{_ms(i['p99']):>9}{_ms(i['max']):>8}{res['goodput_req_s']:>9.2f}{res['achieved_req_s']:>8.2f}"
                   f"{res['output_tok_s']:>11.0f}  {_memory(res)}")
 
@@ -748,7 +760,7 @@ def main():
     runs = timed_runs(args)  # made once here, so every mode gets the very same requests
     results = [result for mode in modes for result in run_mode(context, mode, args, runs)]
     report = dict(machine=setup["machine"], commit=_commit(), argv=sys.argv[1:], modes=modes,
-                  online=args.online, requests=args.num_requests, results=results)
+                  online=args.online, repeat=args.repeat, requests=args.num_requests, results=results)
     if args.online:
         report["slo_ms"] = dict(ttft=args.slo_ttft_ms, tpot=args.slo_tpot_ms)
     else:

@@ -165,3 +165,19 @@ def test_hf_is_held_against_the_roofline_of_the_requests_it_ran(qwen3_path, caps
         dict(result, mode="single", output_tok_s=100.0), dict(result, mode="hf", output_tok_s=100.0)]))
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line[:2] in ("si", "hf")}
     assert rows["single"][7] == "10.0%" and rows["hf"][7] == "20.0%"
+
+
+def test_online_repeats_each_rate_with_new_requests(qwen3_path, tmp_path):
+    out = tmp_path / "online.json"
+    run = run_bench(qwen3_path, out, "--modes", "single", "--online", "50", "--num-requests", "4", "--repeat", "2")
+    assert run.returncode == 0, run.stderr[-4000:]
+    results = json.loads(out.read_text())["results"]
+    assert [(r["rate"], r["repeat"]) for r in results] == [(50, 0), (50, 1)]
+    first, second = ([(q["prompt_len"], q["output_len"], q["arrival_s"]) for q in r["per_request"]] for r in results)
+    assert first != second  # new requests: the engine's prefix cache holds the first run's prompts
+    assert "single #1" in run.stdout and "single #2" in run.stdout
+
+
+def test_repeat_needs_online(qwen3_path, tmp_path):
+    run = run_bench(qwen3_path, tmp_path / "x.json", "--modes", "single", "--repeat", "2")
+    assert run.returncode != 0 and "--repeat: only with --online" in run.stderr
