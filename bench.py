@@ -579,10 +579,11 @@ def run_mode(context, mode: str, args, runs: list[list[Request]]) -> list[dict]:
     processes = num_processes(mode, args)
     print(f"[bench] {mode}: {processes} process{'es' if processes > 1 else ''} ...", flush=True)
     received = run_processes(context, mode, args, runs, processes)
+    labels = [dict(rate=rate, repeat=repeat) for rate, repeat in online_runs(args)] if args.online else [{}]
     results = []
     for k, requests in enumerate(runs):
         parts = [sent[k] if k < len(sent) else sent[-1] for sent in received]  # after an error: that error
-        result = dict(mode=mode, **(dict(zip(("rate", "repeat"), online_runs(args)[k])) if args.online else {}))
+        result = dict(mode=mode, **labels[k])
         errors = [p["error"] for p in parts if "error" in p]
         if errors:
             result["error"] = min(errors, key=lambda e: e == SIBLING_FAILED)  # the cause, not its echo

@@ -68,4 +68,4 @@ def traced(batch):
 runner.launch = traced  # every launch of the engine loop goes through it
 while not engine.is_finished():
     engine.step()
-print("done", engine.stats if hasattr(engine, "stats") else "")
+print("done", engine.stats)
