@@ -2,7 +2,6 @@ import torch
 from torch import nn
 
 
-
 class RMSNorm(nn.Module):
     """RMSNorm with Hugging Face's rounding: normalize in float32, round, then scale by the weight.
 

@@ -4,7 +4,6 @@ import torch
 from torch import nn
 
 
-
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
 
