@@ -7,8 +7,9 @@
 Shape: Qwen3-0.6B (16 q heads, 8 kv heads, head_dim 128), bf16, a 28-layer block-major cache
 of which one layer's strided view is timed, shuffled block tables, context lengths uniform in
 [0.75, 1.25] x --ctx (--spread sets the range: the engine's batches mix lengths far more), in
-random order or, with --longest-first, sorted as the scheduler orders a decode batch. Every run first checks the kernel against the torch reference, including
-a CUDA-graph capture and replay on a GPU, so the timings never describe a wrong kernel.
+random order or, with --longest-first, sorted as the scheduler orders a decode batch. Every run
+first checks the kernel against the torch reference, including a CUDA-graph capture and replay on
+a GPU, so the timings never describe a wrong kernel.
 
 Columns: `us` is triton.testing.do_bench's median (L2 flushed before each call; includes the
 host launch cost when the kernel is shorter than it); `graph us` is do_bench_cudagraph's,
