@@ -1,12 +1,15 @@
 """Benchmark paged_decode_attention against HBM bandwidth (run by hand on a GPU).
 
     python tests/bench_decode_kernel.py [--batch 1 8 32 256] [--ctx 512 1024 2048 4096] [--block-size 256] [--sweep]
+    python tests/bench_decode_kernel.py --batch 64 128 256 --ctx 1024 --spread 0.1 2.0 [--longest-first]
     python tests/bench_decode_kernel.py --check-only --tiny     # CPU, Triton interpreter
 
 Shape: Qwen3-0.6B (16 q heads, 8 kv heads, head_dim 128), bf16, a 28-layer block-major cache
 of which one layer's strided view is timed, shuffled block tables, context lengths uniform in
-[0.75, 1.25] x --ctx. Every run first checks the kernel against the torch reference, including
-a CUDA-graph capture and replay on a GPU, so the timings never describe a wrong kernel.
+[0.75, 1.25] x --ctx (--spread sets the range: the engine's batches mix lengths far more), in
+random order or, with --longest-first, sorted as the scheduler orders a decode batch. Every run
+first checks the kernel against the torch reference, including a CUDA-graph capture and replay on
+a GPU, so the timings never describe a wrong kernel.
 
 Columns: `us` is triton.testing.do_bench's median (L2 flushed before each call; includes the
 host launch cost when the kernel is shorter than it); `graph us` is do_bench_cudagraph's,
@@ -43,13 +46,19 @@ def parse_args():
     p.add_argument("--check-only", action="store_true", help="correctness check, no timing")
     p.add_argument("--tiny", action="store_true", help="tiny model shape, block size 16")
     p.add_argument("--sweep", action="store_true", help="also time block_n/warps/stages/splits")
+    p.add_argument("--spread", type=float, nargs=2, default=[0.75, 1.25], metavar=("LO", "HI"),
+                   help="context lengths uniform in [LO, HI] x ctx")
+    p.add_argument("--longest-first", action="store_true", help="rows sorted by context length, longest first")
     return p.parse_args()
 
 
-def make_case(shape, batch, ctx, block_size, dtype, device, pool_blocks=None):
+def make_case(shape, batch, ctx, block_size, dtype, device, pool_blocks=None, spread=(0.75, 1.25),
+              longest_first=False):
     """Cache views, shuffled block tables, context lengths and q for one batch."""
-    lo, hi = max(1, ctx * 3 // 4), max(1, ctx * 5 // 4)
+    lo, hi = max(1, int(ctx * spread[0])), max(1, int(ctx * spread[1]))
     lens = torch.randint(lo, hi + 1, (batch,), dtype=torch.int32)
+    if longest_first:
+        lens = lens.sort(descending=True).values
     width = -(-hi // block_size)
     need = batch * width
     blocks = pool_blocks or need
@@ -107,10 +116,10 @@ def copy_bandwidth():
     return 2 * (1 << 30) / (ms * 1e-3)
 
 
-def pool_size(shape, batch, ctx, block_size):
+def pool_size(shape, batch, ctx, block_size, hi=1.25):
     """Blocks for the largest batch, or as many as fit in ~60% of free memory."""
     block_bytes = shape["layers"] * 2 * block_size * shape["kv_heads"] * shape["head_dim"] * 2
-    need = batch * -(-(ctx * 5 // 4) // block_size)
+    need = batch * -(-int(ctx * hi) // block_size)
     fit = int(torch.cuda.mem_get_info()[0] * 0.6) // block_bytes
     if fit < need:
         print(f"note: {need} blocks do not fit; sampling block ids from a pool of {fit}")
@@ -123,13 +132,16 @@ def bench(args, shape, copy_bw):
 
 
 def bench_ctx(args, shape, copy_bw, batches, ctx):
-    blocks = pool_size(shape, max(batches), ctx, args.block_size)
-    print(f"\nd2d copy: {copy_bw / 1e9:.0f} GB/s   ctx ~{ctx}, block_size {args.block_size}")
+    blocks = pool_size(shape, max(batches), ctx, args.block_size, args.spread[1])
+    order = "longest first" if args.longest_first else "random order"
+    print(f"\nd2d copy: {copy_bw / 1e9:.0f} GB/s   ctx in [{args.spread[0]}, {args.spread[1]}] x {ctx}, {order}, "
+          f"block_size {args.block_size}")
     print(f"{'batch':>6} {'splits':>6} {'KV MB':>8} {'us':>8} {'GB/s':>6} {'% copy':>6}   "
           f"{'graph us':>8} {'GB/s':>6} {'% copy':>6}")
     for batch in batches:
         torch.manual_seed(batch)
-        q, k, v, tables, lens = make_case(shape, batch, ctx, args.block_size, torch.bfloat16, "cuda", blocks)
+        q, k, v, tables, lens = make_case(shape, batch, ctx, args.block_size, torch.bfloat16, "cuda", blocks,
+                                          args.spread, args.longest_first)
         kv_bytes = int(lens.sum()) * shape["kv_heads"] * shape["head_dim"] * 2 * 2
         block_n = _default_block_n(args.block_size, shape["head_dim"])
         splits = _pick_num_splits(None, batch * shape["kv_heads"],

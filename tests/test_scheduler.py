@@ -184,3 +184,18 @@ def test_adaptive_pd_decodes_on_the_decode_worker_while_the_prefill_worker_has_p
     assert [decodes_on(q) for q in seqs[:2]] == [1, 1]
     s.start_migrations()  # rebalances first: worker 1 carries all the decode load, yet nothing moves back
     assert [decodes_on(q) for q in seqs[:2]] == [1, 1]
+
+
+def test_a_decode_batch_lists_the_longest_contexts_first():
+    """The decode attention kernel starts its programs in batch order; with the longest first, short sequences fill
+    in at the end instead of a long one running on alone. Rows follow the new order."""
+    s = scheduler(100, max_num_seqs=4, max_model_len=64)
+    seqs = [make(n) for n in (5, 20, 9, 14)]
+    for q in seqs:
+        s.add(q)
+    while s.waiting or s.prefilling[0]:
+        step(s)
+    batch = s.schedule(0)
+    assert [end for _, end, _ in batch.decodes] == [21, 15, 10, 6]
+    assert batch.sampled == [seqs[1], seqs[3], seqs[2], seqs[0]]
+    assert [q.sampled_row for q in batch.sampled] == [0, 1, 2, 3]

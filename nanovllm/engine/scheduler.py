@@ -134,9 +134,13 @@ class Scheduler:
             decodes.append((seq, n, seq.sampled_row if seq.num_pending else -1))
             epochs[seq.seq_id] = seq.epoch
             seq.num_computed_tokens = n
-            seq.sampled_row = len(sampled)
-            sampled.append(seq)
             seq.append_pending()
+        # Longest context first: the decode attention kernel starts its programs in batch order, and a long
+        # sequence started last would run on alone at the end of every layer's kernel.
+        decodes.sort(key=lambda decode: -decode[1])
+        for row, (seq, _, _) in enumerate(decodes):
+            seq.sampled_row = row
+            sampled.append(seq)
 
     def _grow(self, queue: list[Sequence], seq: Sequence, bm: BlockManager) -> bool:
         """A block for `seq`'s next token, preempting the newest sequences until one is free."""

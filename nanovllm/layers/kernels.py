@@ -106,9 +106,11 @@ def _paged_decode_kernel(
 ):
     """One program = one (sequence, kv head, split): each K/V tile is read once and used by
     every q head of the group, which is what makes GQA decode bandwidth-bound, not
-    load-count-bound."""
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
+    load-count-bound. The kv head is the grid's fastest axis, so programs start sequence by
+    sequence, in batch order: the scheduler puts the longest contexts first, and the short ones
+    fill in at the end (longest-processing-time-first), instead of a long one starting last."""
+    kvh = tl.program_id(0)
+    b = tl.program_id(1)
     split = tl.program_id(2)
 
     ctx = tl.load(context_lens_ptr + b)
@@ -253,7 +255,7 @@ def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=N
                 # The interpreter (CPU tensors) multiplies bf16 as raw uint16: give it fp32.
                 UPCAST=q.device.type == "cpu" and q.dtype == torch.bfloat16)
     qk_scale = scale * 1.4426950408889634  # log2(e): the kernel works with exp2
-    grid = (batch, num_kv_heads, num_splits)
+    grid = (num_kv_heads, batch, num_splits)
     if num_splits == 1:
         _paged_decode_kernel[grid](*common, out, out, out, qk_scale, *strides,
                                    out.stride(0), out.stride(1), 0, 0, 0, **meta, **launch)
