@@ -8,6 +8,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from nanovllm.engine.partitions import check_sm_partitions
+from nanovllm.models.decoder import kv_heads_of
 
 # Checkpoint architectures that models/decoder.py implements.
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
@@ -165,7 +166,7 @@ class Config:
         tp, hf = self.tensor_parallel_size, self.hf_config
         if tp == 1:
             return
-        kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+        kv_heads = kv_heads_of(hf)
         for name, value in (("num_attention_heads", hf.num_attention_heads), ("intermediate_size", hf.intermediate_size),
                             ("vocab_size", hf.vocab_size)):
             if value % tp:

@@ -14,7 +14,7 @@ from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import select_backend
 from nanovllm.layers.linear import TensorParallelGroup
 from nanovllm.layers.sampler import Sampler
-from nanovllm.models.decoder import DecoderForCausalLM, head_dim_of
+from nanovllm.models.decoder import DecoderForCausalLM, head_dim_of, kv_heads_of
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.context import Context, to_device
 from nanovllm.utils.loader import load_model
@@ -57,8 +57,7 @@ class ModelRunner:
         self.tp = tp_group or TensorParallelGroup()
         self.workers = None  # set once set-up is done: from then on, each step is sent to the other ranks
         hf = config.hf_config
-        num_kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
-        self.num_kv_heads = max(1, num_kv_heads // self.tp.size)  # this rank's
+        self.num_kv_heads = max(1, kv_heads_of(hf) // self.tp.size)  # this rank's
         self.head_dim = head_dim_of(hf)
         self.busy_seconds = 0.0  # device time spent in model steps (CUDA: measured with events)
         # Prompt tokens of a step are padded to a multiple of this. On CUDA, a matmul of a shape cuBLAS has not

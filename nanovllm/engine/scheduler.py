@@ -18,7 +18,7 @@ from typing import Callable
 from nanovllm.config import Config, admission_watermark, check_kv_pool
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.sequence import Sequence, SequenceStatus
-from nanovllm.models.decoder import head_dim_of
+from nanovllm.models.decoder import head_dim_of, kv_heads_of
 
 DECODING, FINISHED, PREFILLING = SequenceStatus.DECODING, SequenceStatus.FINISHED, SequenceStatus.PREFILLING
 
@@ -528,7 +528,7 @@ MATMUL_PER_BYTE = 250  # flop/s over bytes/s: H100 ~295, H200 ~206
 
 def model_sizes(hf, itemsize: int) -> tuple[int, int]:
     """(matmul parameters of the layers, KV bytes per token): what the cost models weigh work by."""
-    kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+    kv_heads = kv_heads_of(hf)
     head_dim = head_dim_of(hf)
     params = hf.num_hidden_layers * (hf.hidden_size * (hf.num_attention_heads + kv_heads) * head_dim * 2
                                      + 3 * hf.hidden_size * hf.intermediate_size)

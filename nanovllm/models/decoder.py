@@ -27,7 +27,7 @@ class DecoderAttention(nn.Module):
     def __init__(self, config: PretrainedConfig, tp: TensorParallelGroup):
         super().__init__()
         num_heads = config.num_attention_heads
-        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+        num_kv_heads = kv_heads_of(config)
         self.head_dim = head_dim_of(config)
         bias = getattr(config, "attention_bias", False) or config.model_type == "qwen2"
         self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, num_heads, num_kv_heads, bias, tp)
@@ -192,6 +192,11 @@ class DecoderForCausalLM(nn.Module):
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]
+
+
+def kv_heads_of(config: PretrainedConfig) -> int:
+    """KV heads: config.json's num_key_value_heads where it gives one, else one per attention head (no GQA)."""
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
 
 def head_dim_of(config: PretrainedConfig) -> int:
