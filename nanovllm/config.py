@@ -16,6 +16,7 @@ REQUIRED_CONFIG_FIELDS = ("architectures", "hidden_size", "intermediate_size", "
                           "num_attention_heads", "vocab_size", "rms_norm_eps")
 logger = logging.getLogger("nanovllm")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+MAX_NUM_SEQS = 65535  # CUDA limits a grid's second and third axes to this
 
 
 @dataclass
@@ -92,6 +93,9 @@ class Config:
             value = getattr(self, name)
             if value != -1 and value < 1:
                 raise ValueError(f"{name} must be -1 (sized automatically) or a positive int, got {value!r}")
+        if self.max_num_seqs > MAX_NUM_SEQS:
+            raise ValueError(f"max_num_seqs must be <= {MAX_NUM_SEQS} (a decode step's sequences are one axis of the "
+                             f"decode kernel's CUDA grid), got {self.max_num_seqs}")
         block_size = self.kv_cache_block_size
         if block_size < 16 or block_size & (block_size - 1):
             raise ValueError(f"kv_cache_block_size must be a power of two >= 16, got {block_size}")

@@ -163,6 +163,8 @@ def test_config_options_of_the_wrong_type(qwen3_path, no_weights_load):
     for field in ("num_kv_cache_blocks", "num_prefill_kv_cache_blocks"):
         with pytest.raises(ValueError, match=f"^{field} must be -1"):
             LLM(qwen3_path, **dict(SMALL, **{field: 0}))
+    with pytest.raises(ValueError, match="^max_num_seqs must be <= 65535"):
+        LLM(qwen3_path, **dict(SMALL, max_num_seqs=65536))
 
 
 def test_config_accepts_ints_as_floats_and_paths_as_model(qwen3_path):
