@@ -158,7 +158,7 @@ def test_rms_norm_with_and_without_residual():
 
 
 @pytest.mark.parametrize("qk_norm", [True, False])
-def test_norm_and_rotate_per_head_on_strided_views(qk_norm):
+def test_rotate_qk_per_head_on_strided_views(qk_norm):
     from nanovllm.layers import kernels
     from nanovllm.layers.norm import rms_norm
     from nanovllm.layers.rotary import RotaryEmbedding, apply_rotary
@@ -168,10 +168,32 @@ def test_norm_and_rotate_per_head_on_strided_views(qk_norm):
     k = qkv[:, q_heads * dim:(q_heads + kv_heads) * dim].view(tokens, kv_heads, dim)
     rope = RotaryEmbedding(dim, 64, {"rope_theta": 10000.0}).to(DEVICE)
     cos, sin = rope(torch.tensor([0, 5, 9, 17, 40, 63], device=DEVICE))
-    weight = torch.randn(dim, dtype=DTYPE, device=DEVICE) if qk_norm else None
-    expected_q, expected_k = apply_rotary(*(rms_norm(t, weight, 1e-6) if qk_norm else t for t in (q, k)), cos, sin)
-    torch.testing.assert_close(kernels.norm_and_rotate(q, weight, 1e-6, cos, sin), expected_q, **TOL)
-    torch.testing.assert_close(kernels.norm_and_rotate(k, weight, 1e-6, cos, sin), expected_k, **TOL)
+    q_weight, k_weight = (torch.randn(dim, dtype=DTYPE, device=DEVICE) for _ in range(2)) if qk_norm else (None, None)
+    expected_q, expected_k = apply_rotary(rms_norm(q, q_weight, 1e-6) if qk_norm else q,
+                                          rms_norm(k, k_weight, 1e-6) if qk_norm else k, cos, sin)
+    out_q, out_k = kernels.rotate_qk(q, k, q_weight, k_weight, 1e-6, cos, sin)
+    torch.testing.assert_close(out_q, expected_q, **TOL)
+    torch.testing.assert_close(out_k, expected_k, **TOL)
+
+
+def test_rotate_qk_also_stores_k_and_v_as_store_kvcache_does():
+    """With the caches, the rotary kernel writes the rotated k and v where store_kvcache would, skipping slot -1,
+    and leaves every other cache row alone."""
+    from nanovllm.layers import kernels
+    tokens, q_heads, kv_heads, dim, block_size = 5, 4, 2, 32, 16
+    qkv = torch.randn(tokens, (q_heads + 2 * kv_heads) * dim, dtype=DTYPE, device=DEVICE)
+    q, k, v = qkv.split([q_heads * dim, kv_heads * dim, kv_heads * dim], dim=1)
+    q, k, v = q.view(tokens, q_heads, dim), k.view(tokens, kv_heads, dim), v.view(tokens, kv_heads, dim)
+    cos, sin = (torch.randn(tokens, dim, dtype=DTYPE, device=DEVICE) for _ in range(2))
+    weight = torch.randn(dim, dtype=DTYPE, device=DEVICE)
+    slots = torch.tensor([37, 2, -1, 63, 16], dtype=torch.int32, device=DEVICE)
+    kv, k_cache, v_cache = make_cache(6, block_size, kv_heads, dim)
+    expected = kv.clone()
+    out_q, out_k = kernels.rotate_qk(q, k, weight, weight, 1e-6, cos, sin, v, k_cache, v_cache, slots)
+    store_kvcache(out_k, v.contiguous(), expected[:, LAYER, 0], expected[:, LAYER, 1], slots)
+    assert torch.equal(kv, expected)
+    alone_q, alone_k = kernels.rotate_qk(q, k, weight, weight, 1e-6, cos, sin)
+    assert torch.equal(out_q, alone_q) and torch.equal(out_k, alone_k)
 
 
 def test_silu_and_mul():

@@ -42,10 +42,12 @@ class Attention(nn.Module):
         # Views into the runner's cache: [num_blocks, block_size, num_kv_heads, head_dim], block-strided.
         self.k_cache = self.v_cache = torch.tensor([])
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context) -> torch.Tensor:
-        """q: [T, Hq, D]; k, v: [T, Hkv, D] for the new tokens. Returns [T, Hq, D]."""
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context,
+                kv_stored: bool = False) -> torch.Tensor:
+        """q: [T, Hq, D]; k, v: [T, Hkv, D] for the new tokens. Returns [T, Hq, D]. `kv_stored`: the caller has
+        already written k and v into the cache (the rotary kernel does, on CUDA)."""
         has_cache = self.k_cache.numel() > 0  # no cache during the memory-sizing warm-up
-        if has_cache:
+        if has_cache and not kv_stored:
             store = store_kvcache_torch if self.backend == "torch" else _triton().store_kvcache
             store(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
         if ctx.is_prefill:

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["store_kvcache", "paged_decode_attention", "rms_norm", "norm_and_rotate", "silu_and_mul"]
+__all__ = ["store_kvcache", "paged_decode_attention", "rms_norm", "rotate_qk", "silu_and_mul"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,14 +369,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 
 @triton.jit
-def _norm_rotate_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr,
-                        stride_xt, stride_xh, stride_ct, stride_ot, stride_oh,
-                        eps, NORM: tl.constexpr, HALF: tl.constexpr):
-    """One program = one head of one token: optional RMSNorm, then rotate-half rotary embedding."""
-    t = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
+def _norm_rotate_head(row, w_ptr, cos_row, sin_row, eps, NORM: tl.constexpr, HALF: tl.constexpr):
+    """One head's two halves after an optional RMSNorm and the rotate-half rotary embedding, in its dtype."""
     d = tl.arange(0, HALF)
-    row = x_ptr + t * stride_xt + h * stride_xh
     x1 = tl.load(row + d)
     x2 = tl.load(row + HALF + d)
     dtype = x1.dtype
@@ -385,35 +380,94 @@ def _norm_rotate_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr,
         inv = tl.rsqrt((tl.sum(a * a, axis=0) + tl.sum(b * b, axis=0)) / (2 * HALF) + eps)
         x1 = (tl.load(w_ptr + d).to(tl.float32) * (a * inv).to(dtype).to(tl.float32)).to(dtype)
         x2 = (tl.load(w_ptr + HALF + d).to(tl.float32) * (b * inv).to(dtype).to(tl.float32)).to(dtype)
-    c1 = tl.load(cos_ptr + t * stride_ct + d).to(dtype).to(tl.float32)  # HF rounds cos/sin to the dtype
-    c2 = tl.load(cos_ptr + t * stride_ct + HALF + d).to(dtype).to(tl.float32)
-    s1 = tl.load(sin_ptr + t * stride_ct + d).to(dtype).to(tl.float32)
-    s2 = tl.load(sin_ptr + t * stride_ct + HALF + d).to(dtype).to(tl.float32)
+    c1 = tl.load(cos_row + d).to(dtype).to(tl.float32)  # HF rounds cos/sin to the dtype
+    c2 = tl.load(cos_row + HALF + d).to(dtype).to(tl.float32)
+    s1 = tl.load(sin_row + d).to(dtype).to(tl.float32)
+    s2 = tl.load(sin_row + HALF + d).to(dtype).to(tl.float32)
     y1, y2 = x1.to(tl.float32), x2.to(tl.float32)
     # x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1]; each product and the sum rounded.
     o1 = ((y1 * c1).to(dtype).to(tl.float32) + (-y2 * s1).to(dtype).to(tl.float32)).to(dtype)
     o2 = ((y2 * c2).to(dtype).to(tl.float32) + (y1 * s2).to(dtype).to(tl.float32)).to(dtype)
-    out = out_ptr + t * stride_ot + h * stride_oh
-    tl.store(out + d, o1)
-    tl.store(out + HALF + d, o2)
+    return o1, o2
 
 
-def norm_and_rotate(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor,
-                    sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, D] (a strided view is fine); cos, sin: [T, D]. RMSNorm per head when `weight` is given
-    (Qwen3's q/k norm), then the rotary embedding. Returns a new [T, heads, D] tensor."""
-    tokens, heads, dim = x.shape
-    if x.stride(-1) != 1 or cos.stride(-1) != 1 or sin.stride() != cos.stride():
-        raise ValueError("x, cos and sin need a unit stride on their last dim, cos and sin the same strides")
+@triton.jit
+def _rotate_qk_kernel(q_ptr, k_ptr, v_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr,
+                      k_cache_ptr, v_cache_ptr, slot_ptr,
+                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct,
+                      stride_qot, stride_qoh, stride_kot, stride_koh,
+                      stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
+                      eps, Q_HEADS: tl.constexpr, NORM: tl.constexpr, HALF: tl.constexpr,
+                      STORE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """One program = one head of one token, q heads first, then k heads: optional RMSNorm and the rotary
+    embedding; with STORE, a k head's program also writes the rotated k and the token's v into the cache."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    d = tl.arange(0, HALF)
+    cos_row, sin_row = cos_ptr + t * stride_ct, sin_ptr + t * stride_ct
+    if h < Q_HEADS:
+        o1, o2 = _norm_rotate_head(q_ptr + t * stride_qt + h * stride_qh, qw_ptr, cos_row, sin_row, eps, NORM, HALF)
+        out = q_out_ptr + t * stride_qot + h * stride_qoh
+        tl.store(out + d, o1)
+        tl.store(out + HALF + d, o2)
+    else:
+        kh = h - Q_HEADS
+        o1, o2 = _norm_rotate_head(k_ptr + t * stride_kt + kh * stride_kh, kw_ptr, cos_row, sin_row, eps, NORM, HALF)
+        out = k_out_ptr + t * stride_kot + kh * stride_koh
+        tl.store(out + d, o1)
+        tl.store(out + HALF + d, o2)
+        if STORE:
+            slot = tl.load(slot_ptr + t)
+            # A skipped slot (-1) turns into an all-false mask (one comparison: see _store_kvcache_kernel).
+            keep = d < (slot >= 0).to(tl.int32) * HALF
+            block = (slot // BLOCK_SIZE).to(tl.int64)
+            off = slot % BLOCK_SIZE
+            k_dst = k_cache_ptr + block * stride_kcb + off * stride_kct + kh * stride_kch
+            tl.store(k_dst + d, o1.to(k_dst.dtype.element_ty), mask=keep)
+            tl.store(k_dst + HALF + d, o2.to(k_dst.dtype.element_ty), mask=keep)
+            v_row = v_ptr + t * stride_vt + kh * stride_vh
+            v_dst = v_cache_ptr + block * stride_vcb + off * stride_vct + kh * stride_vch
+            tl.store(v_dst + d, tl.load(v_row + d).to(v_dst.dtype.element_ty), mask=keep)
+            tl.store(v_dst + HALF + d, tl.load(v_row + HALF + d).to(v_dst.dtype.element_ty), mask=keep)
+
+
+def rotate_qk(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
+              eps: float, cos: torch.Tensor, sin: torch.Tensor, v: torch.Tensor | None = None,
+              k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
+              slot_mapping: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: [T, Hq, D], k: [T, Hkv, D] (strided views are fine); cos, sin: [T, D]. RMSNorm per head when the
+    weights are given (Qwen3's q/k norm), then the rotary embedding, for q and k in one launch. Returns new q and
+    k tensors. Given v ([T, Hkv, D]), the caches and the slot mapping, the same launch also writes the rotated k
+    and v into the cache, as store_kvcache does (slot -1: not stored)."""
+    tokens, q_heads, dim = q.shape
+    kv_heads = k.shape[1]
+    if k.shape[0] != tokens or k.shape[2] != dim:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or cos.stride(-1) != 1 or sin.stride() != cos.stride():
+        raise ValueError("q, k, cos and sin need a unit stride on their last dim, cos and sin the same strides")
     if dim < 2 or dim & (dim - 1):
         raise ValueError(f"head_dim must be a power of two, got {dim}")
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    store = k_cache is not None
+    if store:
+        _check_cache(k_cache, v_cache, kv_heads, dim)
+        if v.shape != k.shape or v.stride(-1) != 1 or slot_mapping.shape != (tokens,):
+            raise ValueError(f"shape mismatch: k {tuple(k.shape)}, v {tuple(v.shape)}, "
+                             f"slot_mapping {tuple(slot_mapping.shape)}")
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if tokens:
-        _norm_rotate_kernel[(tokens, heads)](
-            x, weight if weight is not None else x, cos, sin, out, x.stride(0), x.stride(1), cos.stride(0),
-            out.stride(0), out.stride(1), eps, NORM=weight is not None, HALF=dim // 2,
+        v, k_cache, v_cache, slot_mapping = (v, k_cache, v_cache, slot_mapping) if store else (k, k, k, cos)
+        _rotate_qk_kernel[(tokens, q_heads + kv_heads)](
+            q, k, v, q_weight if q_weight is not None else q, k_weight if k_weight is not None else k, cos, sin,
+            q_out, k_out, k_cache, v_cache, slot_mapping,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
+            q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
+            k_cache.stride(0), k_cache.stride(1) if store else 0, k_cache.stride(2) if store else 0,
+            v_cache.stride(0), v_cache.stride(1) if store else 0, v_cache.stride(2) if store else 0,
+            eps, Q_HEADS=q_heads, NORM=q_weight is not None, HALF=dim // 2, STORE=store,
+            BLOCK_SIZE=k_cache.shape[1] if store else 1,
             num_warps=1)  # one head is a few hundred bytes: one warp, many programs
-    return out
+    return q_out, k_out
 
 
 @triton.jit

@@ -38,7 +38,7 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """q: [T, Hq, D], k: [T, Hkv, D]. Like Hugging Face, cos/sin are rounded to the activations' dtype.
-    (On CUDA the model runs layers/kernels.py's norm_and_rotate instead; this is its reference.)"""
+    (On CUDA the model runs layers/kernels.py's rotate_qk instead; this is its reference.)"""
     cos = cos.to(q.dtype).unsqueeze(1)
     sin = sin.to(q.dtype).unsqueeze(1)
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

@@ -41,17 +41,26 @@ class DecoderAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5)
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, ctx: Context) -> torch.Tensor:
-        o = self.attn(*self.project(rope, x), ctx)
+        # On CUDA, the kernel that rotates q and k also writes k and v into the cache: one launch, not three.
+        store = x.is_cuda and self.attn.k_cache.numel() > 0  # no cache during the memory-sizing warm-up
+        o = self.attn(*self.project(rope, x, ctx if store else None), ctx, kv_stored=store)
         return self.o_proj(o.flatten(1, -1))
 
-    def project(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor):
-        """q, k, v of the new tokens, q and k normalized (Qwen3) and rotated."""
+    def project(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, store_ctx: Context | None = None):
+        """q, k, v of the new tokens, q and k normalized (Qwen3) and rotated; given `store_ctx` (CUDA), k and v are
+        also written into this layer's cache at its slot mapping."""
         q, k, v = self.qkv_proj.split(self.qkv_proj(x))
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q_weight, k_weight = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm else (None, None)
-        q, k = norm_and_rotate(q, k, q_weight, k_weight, self.q_norm.eps if self.qk_norm else 0.0, *rope)
+        eps = self.q_norm.eps if self.qk_norm else 0.0
+        if store_ctx is not None:
+            from nanovllm.layers import kernels  # imported late: tests set TRITON_INTERPRET first
+            q, k = kernels.rotate_qk(q, k, q_weight, k_weight, eps, *rope, v, self.attn.k_cache, self.attn.v_cache,
+                                     store_ctx.slot_mapping)
+            return q, k, v
+        q, k = norm_and_rotate(q, k, q_weight, k_weight, eps, *rope)
         return q, k, v
 
 
@@ -73,8 +82,7 @@ def norm_and_rotate(q, k, q_weight, k_weight, eps: float, cos, sin):
     kernel for q and one for k."""
     if q.is_cuda:
         from nanovllm.layers import kernels  # imported late: tests set TRITON_INTERPRET first
-        q = kernels.norm_and_rotate(q, q_weight, eps, cos, sin)
-        return q, kernels.norm_and_rotate(k, k_weight, eps, cos, sin)
+        return kernels.rotate_qk(q, k, q_weight, k_weight, eps, cos, sin)
     if q_weight is not None:
         q, k = rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps)
     return apply_rotary(q, k, cos, sin)
