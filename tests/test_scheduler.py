@@ -199,3 +199,40 @@ def test_a_decode_batch_lists_the_longest_contexts_first():
     assert [end for _, end, _ in batch.decodes] == [21, 15, 10, 6]
     assert batch.sampled == [seqs[1], seqs[3], seqs[2], seqs[0]]
     assert [q.sampled_row for q in batch.sampled] == [0, 1, 2, 3]
+
+
+def test_a_pending_token_is_read_only_from_the_workers_latest_step():
+    """With several steps in flight, a step reads each PENDING input id from the previous step's output on the
+    device. A sequence whose pending token came from an older step (it sat the latest one out) must wait until
+    that token is known, or it would read another sequence's token."""
+    s = scheduler(100, max_num_seqs=2)
+    a, b = make(8), make(8)
+    s.add(a)
+    s.add(b)
+    step(s)  # both prompts done, both decoding
+    first = s.schedule(0)
+    assert [(q, row) for q, _, row in first.decodes] == [(a, -1), (b, -1)]
+    s.max_num_seqs = 1
+    second = s.schedule(0)  # room for one: a, its input id read from row 0 of the first step's output
+    assert [(q, row) for q, _, row in second.decodes] == [(a, 0)]
+    s.max_num_seqs = 2
+    third = s.schedule(0)  # b's pending token is in the first step, not the latest (second): b sits out
+    assert [(q, row) for q, _, row in third.decodes] == [(a, 0)]
+    for batch in (first, second, third):
+        s.apply_results(batch, s.check_results(batch, [7] * len(batch.sampled)))
+    assert [(q, row) for q, _, row in s.schedule(0).decodes] == [(a, -1), (b, -1)]  # all known now
+
+
+def test_the_decode_worker_queues_more_steps_while_the_prefill_worker_has_prompts():
+    """One host thread launches both GPUs, and a prompt step holds it longer than two decode steps last: while
+    worker 0 has prompts, worker 1 keeps DEEP_QUEUE steps in flight; otherwise every worker keeps two."""
+    from nanovllm.engine.scheduler import DEEP_QUEUE
+    c = config(enable_two_gpu_pd=True, hf_config=SimpleNamespace(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                                                                num_attention_heads=4, num_key_value_heads=2))
+    s = Scheduler(c, [BlockManager(100, c.kv_cache_block_size), BlockManager(100, c.kv_cache_block_size)])
+    assert [s.pipeline_depth(w) for w in (0, 1)] == [2, 2]
+    s.add(make(30))
+    assert [s.pipeline_depth(w) for w in (0, 1)] == [2, DEEP_QUEUE]
+    while s.waiting or s.prefilling[0]:
+        step(s)
+    assert [s.pipeline_depth(w) for w in (0, 1)] == [2, 2]

@@ -35,7 +35,6 @@ if not logger.handlers:
     logger.propagate = False
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-PIPELINE_DEPTH = 2  # steps in flight per worker: the host prepares the next while the device runs one
 
 
 @dataclass(slots=True)
@@ -218,8 +217,9 @@ class LLMEngine:
 
     def _launch(self) -> bool:
         launched = False
-        for worker_id, worker in enumerate(self.workers):
-            while len(worker.in_flight) < PIPELINE_DEPTH:
+        for worker_id in reversed(range(len(self.workers))):  # decode workers first: a prompt step holds the host
+            worker = self.workers[worker_id]
+            while len(worker.in_flight) < self.scheduler.pipeline_depth(worker_id):
                 with _sigint_deferred():
                     batch = self.scheduler.schedule(worker_id)
                     if not batch:

@@ -71,6 +71,7 @@ class Scheduler:
         self.prefilling: list[list[Sequence]] = [[] for _ in block_managers]  # per worker, in admission order
         self.decoding: list[list[Sequence]] = [[] for _ in block_managers]
         self.migrating: list[Sequence] = []
+        self.num_batches = [0] * self.num_workers  # non-empty batches scheduled per worker: the latest one's number
         self.policy = make_policy(config, self)
         self.num_resets = 0  # sequences reset so far (preempted, rolled back, aborted)
         self.num_preemptions = 0
@@ -113,7 +114,13 @@ class Scheduler:
         except BaseException:
             self.rollback([batch], error=None)
             raise
+        if batch:
+            self.num_batches[worker] += 1
         return batch
+
+    def pipeline_depth(self, worker: int) -> int:
+        """How many steps the engine keeps in flight on `worker` (the policy's call)."""
+        return self.policy.pipeline_depth(worker)
 
     def _schedule_decodes(self, batch: Batch):
         """One token for each sequence decoding here; when blocks run out, the newest sequences are preempted.
@@ -122,12 +129,14 @@ class Scheduler:
             return  # chunking off: prompts go first, in steps of their own, and decodes wait (nano-vllm's policy)
         queue, bm, block_size = self.decoding[batch.worker], self.block_managers[batch.worker], self.block_size
         decodes, sampled, epochs = batch.decodes, batch.sampled, batch.epochs
+        latest, this_batch = self.num_batches[batch.worker], self.num_batches[batch.worker] + 1
         i = 0
         while i < len(queue) and len(decodes) < self.max_num_seqs:
             seq = queue[i]
             i += 1
-            if seq.migration is not None or (seq.num_pending and self._will_finish(seq)):
-                continue  # sits this step out: moving away, or its last token is in flight
+            if seq.migration is not None or (seq.num_pending and (self._will_finish(seq) or seq.sampled_batch != latest)):
+                continue  # sits this step out: moving away, its last token is in flight, or its pending token is
+                #           not in the worker's latest step (whose output the next step reads PENDING ids from)
             n = seq.num_tokens
             if n > len(seq.block_table) * block_size and not self._grow(queue, seq, bm):
                 break  # it was the newest, and preempted itself
@@ -139,7 +148,7 @@ class Scheduler:
         # sequence started last would run on alone at the end of every layer's kernel.
         decodes.sort(key=lambda decode: -decode[1])
         for row, (seq, _, _) in enumerate(decodes):
-            seq.sampled_row = row
+            seq.sampled_row, seq.sampled_batch = row, this_batch
             sampled.append(seq)
 
     def _grow(self, queue: list[Sequence], seq: Sequence, bm: BlockManager) -> bool:
@@ -211,7 +220,7 @@ class Scheduler:
         batch.epochs[seq.seq_id] = seq.epoch
         seq.num_computed_tokens = end
         if end == seq.num_tokens:
-            seq.sampled_row = len(batch.sampled)
+            seq.sampled_row, seq.sampled_batch = len(batch.sampled), self.num_batches[batch.worker] + 1
             batch.sampled.append(seq)
             seq.append_pending()
 
@@ -409,6 +418,18 @@ class SingleDevice:
 
     def rebalance(self):
         pass
+
+    def pipeline_depth(self, worker: int) -> int:
+        """Two steps in flight, the host preparing one while the device runs the other. A decode worker gets
+        DEEP_QUEUE while worker 0 has prompts: one host thread launches both GPUs, and a prompt step holds it
+        ~30 ms (BENCHMARKS.md, session 21), longer than two decode steps last, so a shallow queue runs dry."""
+        s = self.scheduler
+        if worker != self.prefill_worker and (s.waiting or s.prefilling[self.prefill_worker]):
+            return DEEP_QUEUE
+        return 2
+
+
+DEEP_QUEUE = 6  # decode steps of ~5 ms: ~30 ms of work queued on the decode GPU
 
 
 class StaticPD(SingleDevice):

@@ -18,8 +18,9 @@ class SequenceStatus(Enum):
 class Sequence:
     """One request: its tokens, where its KV lives, and why it stopped.
 
-    Steps run one ahead of the host: a step is launched before the previous one's tokens are read, so a
-    sequence may end in up to two PENDING tokens, filled in (`resolve`) as their steps are collected.
+    Steps run ahead of the host: a step is launched before the previous one's tokens are read, so a sequence
+    may end in PENDING tokens (as many as its worker has steps in flight), filled in (`resolve`) as their steps
+    are collected.
     """
     counter = count()
 
@@ -38,6 +39,7 @@ class Sequence:
         self.block_table: list[int] = []  # its KV blocks on that worker
         self.migration: tuple[int, list[int]] | None = None  # (destination worker, its blocks) while MIGRATING
         self.sampled_row = -1  # row of its newest PENDING token in its worker's latest step output
+        self.sampled_batch = 0  # number of the worker's batch that samples its newest PENDING token
         self.epoch = 0  # bumped whenever the sequence is reset, so results of steps launched before are dropped
         self.num_failures = 0  # consecutive failed steps it was part of
         self.params = sampling_params
