@@ -227,8 +227,9 @@ def test_the_decode_worker_queues_more_steps_while_the_prefill_worker_has_prompt
     """One host thread launches both GPUs, and a prompt step holds it longer than two decode steps last: while
     worker 0 has prompts, worker 1 keeps DEEP_QUEUE steps in flight; otherwise every worker keeps two."""
     from nanovllm.engine.scheduler import DEEP_QUEUE
-    c = config(enable_two_gpu_pd=True, hf_config=SimpleNamespace(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
-                                                                num_attention_heads=4, num_key_value_heads=2))
+    c = config(enable_two_gpu_pd=True, hf_config=SimpleNamespace(num_hidden_layers=2, hidden_size=64,
+                                                                intermediate_size=128, num_attention_heads=4,
+                                                                num_key_value_heads=2))
     s = Scheduler(c, [BlockManager(100, c.kv_cache_block_size), BlockManager(100, c.kv_cache_block_size)])
     assert [s.pipeline_depth(w) for w in (0, 1)] == [2, 2]
     s.add(make(30))

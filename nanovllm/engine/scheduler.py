@@ -134,7 +134,8 @@ class Scheduler:
         while i < len(queue) and len(decodes) < self.max_num_seqs:
             seq = queue[i]
             i += 1
-            if seq.migration is not None or (seq.num_pending and (self._will_finish(seq) or seq.sampled_batch != latest)):
+            waits_for_pending = seq.num_pending and (self._will_finish(seq) or seq.sampled_batch != latest)
+            if seq.migration is not None or waits_for_pending:
                 continue  # sits this step out: moving away, its last token is in flight, or its pending token is
                 #           not in the worker's latest step (whose output the next step reads PENDING ids from)
             n = seq.num_tokens
