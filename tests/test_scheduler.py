@@ -223,9 +223,10 @@ def test_a_pending_token_is_read_only_from_the_workers_latest_step():
     assert [(q, row) for q, _, row in s.schedule(0).decodes] == [(a, -1), (b, -1)]  # all known now
 
 
-def test_the_decode_worker_queues_more_steps_while_the_prefill_worker_has_prompts():
+def test_the_decode_worker_queues_more_steps_while_the_prefill_worker_has_prompts_but_no_backlog():
     """One host thread launches both GPUs, and a prompt step holds it longer than two decode steps last: while
-    worker 0 has prompts, worker 1 keeps DEEP_QUEUE steps in flight; otherwise every worker keeps two."""
+    worker 0 has prompts, worker 1 keeps DEEP_QUEUE steps in flight, unless more prompt tokens wait than one step
+    takes (then worker 0 is the bottleneck); otherwise every worker keeps two."""
     from nanovllm.engine.scheduler import DEEP_QUEUE
     c = config(enable_two_gpu_pd=True, hf_config=SimpleNamespace(num_hidden_layers=2, hidden_size=64,
                                                                 intermediate_size=128, num_attention_heads=4,
@@ -233,6 +234,11 @@ def test_the_decode_worker_queues_more_steps_while_the_prefill_worker_has_prompt
     s = Scheduler(c, [BlockManager(100, c.kv_cache_block_size), BlockManager(100, c.kv_cache_block_size)])
     assert [s.pipeline_depth(w) for w in (0, 1)] == [2, 2]
     s.add(make(30))
+    assert [s.pipeline_depth(w) for w in (0, 1)] == [2, DEEP_QUEUE]
+    s.add(make(30))
+    s.add(make(30))  # 90 prompt tokens, one step takes 64: a backlog
+    assert [s.pipeline_depth(w) for w in (0, 1)] == [2, 2]
+    step(s)  # 64 computed, 26 left
     assert [s.pipeline_depth(w) for w in (0, 1)] == [2, DEEP_QUEUE]
     while s.waiting or s.prefilling[0]:
         step(s)

@@ -13,6 +13,7 @@ that are still PENDING on the device.
 """
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Callable
 
 from nanovllm.config import Config, admission_watermark, check_kv_pool
@@ -121,6 +122,15 @@ class Scheduler:
     def pipeline_depth(self, worker: int) -> int:
         """How many steps the engine keeps in flight on `worker` (the policy's call)."""
         return self.policy.pipeline_depth(worker)
+
+    def prompt_backlog(self, limit: int) -> int:
+        """Prompt tokens the prefill worker has yet to compute, counted until they pass `limit`."""
+        total = 0
+        for seq in chain(self.prefilling[self.policy.prefill_worker], self.waiting):
+            total += seq.num_tokens - seq.num_computed_tokens
+            if total > limit:
+                break
+        return total
 
     def _schedule_decodes(self, batch: Batch):
         """One token for each sequence decoding here; when blocks run out, the newest sequences are preempted.
@@ -422,12 +432,14 @@ class SingleDevice:
 
     def pipeline_depth(self, worker: int) -> int:
         """Two steps in flight, the host preparing one while the device runs the other. A decode worker gets
-        DEEP_QUEUE while worker 0 has prompts: one host thread launches both GPUs, and a prompt step holds it
-        ~30 ms (BENCHMARKS.md, session 21), longer than two decode steps last, so a shallow queue runs dry."""
+        DEEP_QUEUE while worker 0 computes prompts without a backlog: one host thread launches both GPUs, and a
+        prompt step holds it ~30 ms, longer than two decode steps last, so a shallow queue runs dry. With more
+        prompt tokens waiting than one step takes, worker 0 is the bottleneck and the host's time is its: prompt
+        steps are host-bound, and each decode step launched in between delays them (BENCHMARKS.md, session 22)."""
         s = self.scheduler
-        if worker != self.prefill_worker and (s.waiting or s.prefilling[self.prefill_worker]):
-            return DEEP_QUEUE
-        return 2
+        if worker == self.prefill_worker or not (s.waiting or s.prefilling[self.prefill_worker]):
+            return 2
+        return DEEP_QUEUE if s.prompt_backlog(s.max_num_batched_tokens) <= s.max_num_batched_tokens else 2
 
 
 DEEP_QUEUE = 6  # decode steps of ~5 ms: ~30 ms of work queued on the decode GPU
