@@ -155,3 +155,26 @@ def test_pd_where_it_cannot_run(qwen3_path, monkeypatch):
         Config(qwen3_path, **gpus, pd_fallback="maybe")
     with pytest.raises(ValueError, match="pd_policy"):
         Config(qwen3_path, **gpus, pd_policy="dynamic")
+
+
+@pytest.mark.parametrize("deeper", [0, 1])
+def test_the_worker_with_the_deeper_queue_launches_first(qwen3_path, monkeypatch, deeper):
+    """One host thread launches both devices; a worker is given a deeper queue because the other's step is about to
+    hold the host, so it launches first. Tokens stay those of one device, whichever worker keeps 4 steps in flight."""
+    prompts = random_prompts(16, 5, 60, seed=15)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    single = LLM(qwen3_path, **SINGLE, num_kv_cache_blocks=128).generate(prompts, params, use_tqdm=False)
+    pd = LLM(qwen3_path, **PD, num_kv_cache_blocks=64, num_prefill_kv_cache_blocks=64)
+    monkeypatch.setattr(pd.scheduler, "pipeline_depth", lambda worker: 4 if worker == deeper else 2)
+    launches = []  # per engine step, the workers in launch order
+    for i, worker in enumerate(pd.workers):
+        def launch(batch, launch=worker.runner.launch, i=i):
+            launches[-1].append(i)
+            return launch(batch)
+        worker.runner.launch = launch
+    step = pd.step
+    monkeypatch.setattr(pd, "step", lambda: (launches.append([]), step())[1])
+    outputs = pd.generate(prompts, params, use_tqdm=False)
+    assert [o["token_ids"] for o in outputs] == [o["token_ids"] for o in single]
+    both = [order for order in launches if len(set(order)) == 2]
+    assert both and all(order[0] == deeper for order in both)

@@ -217,9 +217,11 @@ class LLMEngine:
 
     def _launch(self) -> bool:
         launched = False
-        for worker_id in reversed(range(len(self.workers))):  # decode workers first: a prompt step holds the host
+        depths = [self.scheduler.pipeline_depth(worker_id) for worker_id in range(len(self.workers))]
+        # The deepest queue launches first: it is kept deep because a prompt step is about to hold the host.
+        for worker_id in sorted(range(len(self.workers)), key=lambda w: -depths[w]):
             worker = self.workers[worker_id]
-            while len(worker.in_flight) < self.scheduler.pipeline_depth(worker_id):
+            while len(worker.in_flight) < depths[worker_id]:
                 with _sigint_deferred():
                     batch = self.scheduler.schedule(worker_id)
                     if not batch:
