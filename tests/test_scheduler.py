@@ -243,3 +243,20 @@ def test_the_decode_worker_queues_more_steps_while_the_prefill_worker_has_prompt
     while s.waiting or s.prefilling[0]:
         step(s)
     assert [s.pipeline_depth(w) for w in (0, 1)] == [2, 2]
+
+
+def test_a_freed_block_remembers_the_latest_step_that_may_still_write_it():
+    """A sequence that stops while later steps carrying it are in flight frees blocks those steps still write.
+    A KV copy into such recycled blocks must wait for those steps (and, on a deep queue, only for them)."""
+    s = scheduler(100, eos_token_ids=(99,))
+    q = Sequence([next(PROMPT_TOKEN)] * 5, SamplingParams(temperature=0, max_tokens=100), 4)
+    s.add(q)
+    prefill = step(s)
+    first, second = s.schedule(0), s.schedule(0)  # both carry q, both in flight
+    assert (prefill.number, first.number, second.number) == (1, 2, 3)
+    blocks, bm = list(q.block_table), s.block_managers[0]
+    s.apply_results(first, s.check_results(first, [99]))  # q stops; the second step still writes its KV
+    assert q.finish_reason == "stop" and not q.block_table
+    assert bm.last_step_writing(blocks) == 3
+    never_used = [b for b in range(100) if b not in blocks][:3]
+    assert bm.last_step_writing(never_used) == 0

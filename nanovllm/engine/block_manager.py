@@ -11,6 +11,7 @@ class Block:
         self.block_id = block_id
         self.ref_count = 0
         self.hash = -1  # set once the block's KV is written and full; a freed block keeps it for reuse
+        self.last_step = 0  # once freed: the latest step scheduled while it was in use, which may still write it
 
 
 class BlockManager:
@@ -31,6 +32,7 @@ class BlockManager:
         self.used_block_ids: set[int] = set()
         self.num_cache_hits = 0  # blocks reused from the prefix cache, for tests and stats
         self.peak_used_blocks = 0
+        self.latest_step = 0  # the number of the worker's latest scheduled step (the scheduler keeps it)
 
     @property
     def num_blocks(self) -> int:
@@ -115,8 +117,14 @@ class BlockManager:
             block = self.blocks[block_id]
             block.ref_count -= 1
             if block.ref_count == 0:
+                block.last_step = self.latest_step
                 self.used_block_ids.remove(block_id)
                 self.free_block_ids.append(block_id)
+
+    def last_step_writing(self, block_ids: list[int]) -> int:
+        """The latest step that may still write these blocks: steps in flight up to it were scheduled while one
+        of them belonged to a sequence that has since left (finished, preempted), and write its KV there."""
+        return max((self.blocks[block_id].last_step for block_id in block_ids), default=0)
 
     def deallocate(self, seq: Sequence):
         self.free_blocks(seq.block_table)

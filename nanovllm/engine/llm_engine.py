@@ -286,18 +286,24 @@ class LLMEngine:
             first = len(self.transfers)
             self.transfers += [(None, seqs) for seqs, _ in routes.values()]  # known before they start, for rollback
         for i, ((src, dst), (seqs, pairs)) in enumerate(routes.items(), start=first):
-            transfer = self._copy(self.runners[src], self.runners[dst], pairs)
+            transfer = self._copy(src, dst, pairs)
             self.transfers[i] = (transfer, seqs)
             self.stats["kv_bytes"] += transfer.nbytes
             self.stats["kv_copies"] += transfer.num_copies
 
-    def _copy(self, src: ModelRunner, dst: ModelRunner, pairs: list[tuple[int, int]]) -> KVTransfer:
+    def _copy(self, src_id: int, dst_id: int, pairs: list[tuple[int, int]]) -> KVTransfer:
+        src, dst = self.runners[src_id], self.runners[dst_id]
         if not src.is_cuda:
             return KVTransfer(src.kv_cache, dst.kv_cache, pairs)
-        # The copy streams wait for what is queued on the compute streams: the KV being written on the source,
-        # and, on the destination, steps that may still touch the (recycled) destination blocks.
+        # The source copy waits for what is queued on the source's compute stream: the KV being written there.
+        # The destination copy waits only for the steps in flight that may still write its (recycled) blocks,
+        # not for every step queued there: with a deep queue that would hold the copy back several steps.
         src.copy_stream.wait_stream(torch.cuda.current_stream(src.device))
-        dst.copy_stream.wait_stream(torch.cuda.current_stream(dst.device))
+        last_step = self.scheduler.block_managers[dst_id].last_step_writing([d for _, d in pairs])
+        writers = [pending for batch, pending in self.workers[dst_id].in_flight
+                   if batch.number <= last_step and pending is not None]
+        if writers:
+            dst.copy_stream.wait_event(writers[-1].event)
         return KVTransfer(src.kv_cache, dst.kv_cache, pairs, (src.copy_stream, dst.copy_stream),
                           via_host=self.config.kv_via_host)
 

@@ -36,6 +36,7 @@ class Batch:
     sampled: list[Sequence] = field(default_factory=list)  # decodes first, then the prompts this step completes
     epochs: dict[int, int] = field(default_factory=dict)  # seq_id -> epoch at launch: a reset since makes it stale
     resets: int = 0  # the scheduler's reset count at launch: unchanged at commit, no sequence can be stale
+    number: int = 0  # its place among the worker's steps: 1, 2, ...
 
     def __bool__(self):
         return bool(self.decodes or self.prefills)
@@ -117,6 +118,7 @@ class Scheduler:
             raise
         if batch:
             self.num_batches[worker] += 1
+            batch.number = self.block_managers[worker].latest_step = self.num_batches[worker]
         return batch
 
     def pipeline_depth(self, worker: int) -> int:
