@@ -270,20 +270,24 @@ def serve(mode: str, rank: int, args, runs: list[list[Request]], barrier, send):
         reset_counters(llm)
         _synchronize(_devices(llm))
         barrier.wait(timeout=patience_s(args, runs))
-        token_times, seconds = drive(llm, mine, args.timeout)
+        token_times, token_workers, seconds = drive(llm, mine, args.timeout)
         wrong = [r.index for r in mine if len(token_times[r.index]) != r.output_len]
         if wrong:
             raise RuntimeError(f"requests {wrong[:8]} did not get the number of tokens they asked for")
-        send(dict(requests=len(mine), token_times=token_times, **counters(llm, seconds)))
+        send(dict(requests=len(mine), token_times=token_times, token_workers=token_workers,
+                  **counters(llm, seconds)))
 
 
-def drive(llm, requests: list[Request], timeout: float) -> tuple[dict[int, list[float]], float]:
+def drive(llm, requests: list[Request], timeout: float) -> tuple[dict[int, list[float]], dict[int, list[int]], float]:
     """Add each request once its arrival time has passed, step until all are done.
 
-    Returns each request's token times (seconds since the start: when step() handed the token back) and
-    the time the last request finished. Offline, every arrival is 0: all are added before the first step."""
+    Returns each request's token times (seconds since the start: when step() handed the token back), the
+    worker each token came from, and the time the last request finished. Offline, every arrival is 0: all are
+    added before the first step."""
     from nanovllm import SamplingParams
     token_times = {r.index: [] for r in requests}
+    token_workers = {r.index: [] for r in requests}
+    several = len(_runners(llm)) > 1  # PD: note the worker of every token (else it is worker 0's, noted at the end)
     index_of = {}  # engine request id -> Request.index
     next_up, unfinished = 0, len(requests)
     deadline = (requests[-1].arrival if requests else 0) + timeout
@@ -303,15 +307,28 @@ def drive(llm, requests: list[Request], timeout: float) -> tuple[dict[int, list[
         outputs = llm.step()
         now = time.perf_counter() - start
         for out in outputs:  # any number per request: tokens may come in batches
-            token_times[index_of[out.request_id]].append(now)
+            index = index_of[out.request_id]
+            token_times[index].append(now)
+            if several:
+                workers = token_workers[index]
+                workers.append(_worker_of(llm, out.request_id, workers[-1] if workers else 0))
             unfinished -= out.finished
         if unfinished and now > deadline:
             raise TimeoutError(f"{unfinished} of {len(requests)} requests unfinished {timeout:.0f} s after "
                                f"the last arrival")
-    return token_times, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if not several:
+        token_workers = {index: [0] * len(times) for index, times in token_times.items()}
+    return token_times, token_workers, seconds
 
 
 # What follows reads the engine's internals: the one place to update when they move.
+
+def _worker_of(llm, request_id: int, last: int) -> int:
+    """The worker a request's latest token came from (a finished request has left the engine: `last`)."""
+    seq = llm.requests.get(request_id)
+    return seq.worker if seq is not None and seq.worker is not None else last
+
 
 def _runners(llm) -> list:
     return llm.runners
@@ -600,16 +617,18 @@ def offline_summary(requests: list[Request], parts: list[dict]) -> dict:
     input_tokens, output_tokens = sum(len(r.prompt) for r in requests), sum(r.output_len for r in requests)
     return dict(requests=len(requests), input_tokens=input_tokens, output_tokens=output_tokens, seconds=seconds,
                 output_tok_s=output_tokens / seconds, total_tok_s=(input_tokens + output_tokens) / seconds,
-                workers=[{k: v for k, v in p.items() if k != "token_times"} for p in parts])
+                workers=[{k: v for k, v in p.items() if k not in ("token_times", "token_workers")} for p in parts])
 
 
 def online_summary(requests: list[Request], parts: list[dict], args) -> dict:
     token_times = {i: times for p in parts for i, times in p["token_times"].items()}
-    per_request, gaps = [], []
+    token_workers = {i: workers for p in parts for i, workers in p["token_workers"].items()}
+    per_request, gaps, causes = [], [], []
     for r in requests:
-        times = token_times[r.index]
+        times, workers = token_times[r.index], token_workers[r.index]
         request_gaps = [b - a for a, b in zip(times, times[1:])]
         gaps += request_gaps
+        causes += ["moved" if a != b else f"worker {b}" for a, b in zip(workers, workers[1:])]
         per_request.append(dict(
             index=r.index, arrival_s=r.arrival, prompt_len=len(r.prompt), output_len=r.output_len,
             tokens=len(times), ttft_ms=1e3 * (times[0] - r.arrival), e2e_ms=1e3 * (times[-1] - r.arrival),
@@ -622,10 +641,23 @@ def online_summary(requests: list[Request], parts: list[dict], args) -> dict:
     return dict(requests=len(requests), seconds=seconds,
                 ttft_ms=_percentiles([q["ttft_ms"] for q in per_request]), tpot_ms=_percentiles(tpots),
                 itl_ms=dict(_percentiles([1e3 * g for g in gaps]), max=1e3 * max(gaps) if gaps else None),
+                itl_tail=itl_tail(gaps, causes),
                 slo_met=len(good), goodput_req_s=len(good) / seconds, achieved_req_s=len(requests) / seconds,
                 output_tok_s=sum(q["tokens"] for q in per_request) / seconds,
-                workers=[{k: v for k, v in p.items() if k != "token_times"} for p in parts],
+                workers=[{k: v for k, v in p.items() if k not in ("token_times", "token_workers")} for p in parts],
                 per_request=per_request)
+
+
+def itl_tail(gaps: list[float], causes: list[str]) -> dict:
+    """Where the inter-token gaps above the p99 come from: a token after its request moved to another worker
+    ("moved"), or two tokens on one worker ("worker 0", "worker 1"; each dp process is its own "worker 0")."""
+    p99 = percentile(gaps, 99)
+    tail = {}
+    for gap, cause in zip(gaps, causes):
+        counts = tail.setdefault(cause, dict(gaps=0, over_p99=0))
+        counts["gaps"] += 1
+        counts["over_p99"] += gap > p99
+    return tail
 
 
 def _percentiles(values: list[float]) -> dict:
@@ -727,6 +759,12 @@ def print_online(report: dict):
             print(f"{label:<10}{_ms(t['p50']):>10}{_ms(t['p99']):>8}{_ms(p['p50']):>10}{_ms(p['p99']):>8}"
                   f"{_ms(i['p99']):>9}{_ms(i['max']):>8}{res['goodput_req_s']:>9.2f}{res['achieved_req_s']:>8.2f}"
                   f"{res['output_tok_s']:>11.0f}  {_memory(res)}")
+        for res in results:
+            tail = res.get("itl_tail", {})
+            if len(tail) > 1:  # more than one worker or cause: say which the tail came from
+                label = res["mode"] + (f" #{res['repeat'] + 1}" if report.get("repeat", 1) > 1 else "")
+                print(f"{label}: gaps over the inter-token p99, by cause: " + ", ".join(
+                    f"{cause} {c['over_p99']} of {c['gaps']}" for cause, c in sorted(tail.items())))
 
 
 def _memory(res: dict) -> str:

@@ -108,6 +108,18 @@ def test_online_measures_latency_of_every_request(qwen3_path, tmp_path):
         assert 0 <= r["goodput_req_s"] <= r["achieved_req_s"]
         assert r["achieved_req_s"] == pytest.approx(6 / r["seconds"])
         assert r["slo_met"] == sum(q["ttft_ms"] <= 1000 and q["tpot_ms"] <= 100 for q in r["per_request"])
+        # One device per process: every gap is between two tokens of "worker 0", and each gap is counted once.
+        assert list(r["itl_tail"]) == ["worker 0"]
+        assert r["itl_tail"]["worker 0"]["gaps"] == sum(q["tokens"] - 1 for q in r["per_request"])
+
+
+def test_the_inter_token_tail_is_split_by_cause():
+    """PD: a gap after a request moved between workers is "moved", else it is the worker's that made both tokens."""
+    gaps = [0.001] * 98 + [0.050, 0.040]  # p99 lies between the two largest
+    causes = ["worker 1"] * 98 + ["moved", "worker 0"]
+    tail = bench.itl_tail(gaps, causes)
+    assert tail == {"worker 1": dict(gaps=98, over_p99=0), "moved": dict(gaps=1, over_p99=1),
+                    "worker 0": dict(gaps=1, over_p99=0)}
 
 
 def test_decode_kernel_benchmark_checks_correctness():
