@@ -79,7 +79,7 @@ class MLP(nn.Module):
 
 def norm_and_rotate(q, k, q_weight, k_weight, eps: float, cos, sin):
     """Qwen3's per-head q/k RMSNorm (when the weights are given) and the rotary embedding; on CUDA one Triton
-    kernel for q and one for k."""
+    launch for both (without storing the KV: the memory-sizing warm-up, which has no cache yet)."""
     if q.is_cuda:
         from nanovllm.layers import kernels  # imported late: tests set TRITON_INTERPRET first
         return kernels.rotate_qk(q, k, q_weight, k_weight, eps, cos, sin)
