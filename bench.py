@@ -756,7 +756,7 @@ def print_online(report: dict):
         print(header)
         print("-" * len(header))
         for res in results:
-            label = res["mode"] + (f" #{res['repeat'] + 1}" if report.get("repeat", 1) > 1 else "")
+            label = _label(res, report)
             if "error" in res:
                 print(f"{label:<10}failed: {res['error']}")
                 continue
@@ -767,9 +767,13 @@ def print_online(report: dict):
         for res in results:
             tail = res.get("itl_tail", {})
             if len(tail) > 1:  # more than one worker or cause: say which the tail came from
-                label = res["mode"] + (f" #{res['repeat'] + 1}" if report.get("repeat", 1) > 1 else "")
-                print(f"{label}: gaps over the inter-token p99, by cause: " + ", ".join(
+                print(f"{_label(res, report)}: gaps over the inter-token p99, by cause: " + ", ".join(
                     f"{cause} {c['over_p99']} of {c['gaps']}" for cause, c in sorted(tail.items())))
+
+
+def _label(res: dict, report: dict) -> str:
+    """The mode, and which run of it when each rate was served several times (--repeat)."""
+    return res["mode"] + (f" #{res['repeat'] + 1}" if report.get("repeat", 1) > 1 else "")
 
 
 def _memory(res: dict) -> str:
