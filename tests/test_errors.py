@@ -133,6 +133,18 @@ def test_stop_strings_need_a_tokenizer(qwen3_path, tmp_path):
     assert len(out["token_ids"]) == 2 and out["text"] is None  # without stop strings it serves token ids
 
 
+def test_a_stop_string_with_a_special_token_could_never_match(llm):
+    # The completion's text is decoded without special tokens, so "<|im_end|>" never appears in it.
+    for stop in ("<|im_end|>", ["ok", "x<|im_start|>"]):
+        with pytest.raises(ValueError, match="^stop string .* holds the special token '<\\|im_(end|start)\\|>'"):
+            llm.generate([[1, 2]], SamplingParams(stop=stop), use_tqdm=False)
+        with pytest.raises(ValueError, match="holds the special token"):
+            llm.add_request([1, 2], SamplingParams(stop=stop))
+    assert llm.is_finished()  # nothing was queued
+    [out] = llm.generate([[1, 2]], SamplingParams(max_tokens=3, ignore_eos=True, stop="im_end"), use_tqdm=False)
+    assert len(out["token_ids"]) <= 3  # plain text that looks like a special token's name is fine
+
+
 @pytest.fixture
 def no_weights_load(monkeypatch):
     """Fails the test if the engine gets as far as building a model runner (which loads the weights)."""

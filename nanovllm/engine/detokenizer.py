@@ -40,3 +40,18 @@ class StopChecker:
 
     def _decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def special_token_texts(tokenizer) -> list[str]:
+    """The special tokens' texts: the completion's text leaves them out (skip_special_tokens)."""
+    return [token.content for token in getattr(tokenizer, "added_tokens_decoder", {}).values() if token.special]
+
+
+def check_stop_strings(stop: list[str], special_texts: list[str]):
+    """A stop string that holds a special token could never match the text, and generation would run past it."""
+    for string in stop:
+        for special in special_texts:
+            if special in string:
+                raise ValueError(f"stop string {string!r} holds the special token {special!r}, which the completion's "
+                                 f"text leaves out, so it could never match; generation already ends at the "
+                                 f"model's end-of-sequence tokens (generation_config.json's eos_token_id)")

@@ -19,7 +19,7 @@ from transformers import AutoTokenizer, GenerationConfig
 
 from nanovllm.config import Config
 from nanovllm.engine.block_manager import BlockManager
-from nanovllm.engine.detokenizer import StopChecker
+from nanovllm.engine.detokenizer import StopChecker, check_stop_strings, special_token_texts
 from nanovllm.engine.kv_transfer import KVTransfer
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.scheduler import Batch, Scheduler
@@ -91,6 +91,7 @@ class LLMEngine:
     def init_tokenizer(self):
         self.tokenizer = _load_tokenizer(self.config.model)
         self.config.eos_token_ids = _eos_token_ids(self.config, self.tokenizer)
+        self.special_token_texts = special_token_texts(self.tokenizer) if self.tokenizer is not None else []
 
     def init_workers(self):
         c = self.config
@@ -149,6 +150,8 @@ class LLMEngine:
         if params.stop and self.tokenizer is None:
             raise ValueError(f"stop strings need a tokenizer, and {self.config.model!r} has none: "
                              f"stop={params.stop!r} could never match")
+        if params.stop:
+            check_stop_strings(params.stop, self.special_token_texts)
         return copy.deepcopy(params)
 
     def _encode(self, prompt: str | list[int]) -> list[int]:
