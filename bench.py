@@ -348,6 +348,8 @@ def reset_counters(llm):
         runner.busy_seconds = 0.0
     for block_manager in _block_managers(llm):
         block_manager.peak_used_blocks = 0
+    for worker in llm.workers:
+        worker.prompt_tokens = 0
     llm.stats.update(kv_bytes=0, kv_copies=0, kv_seconds=0.0)
     llm.scheduler.num_preemptions = llm.scheduler.num_backpressure_stalls = llm.scheduler.num_migrations = 0
 
@@ -365,7 +367,8 @@ def counters(llm, seconds: float) -> dict:
         result.update(kv_transfer_gb=s["kv_bytes"] / 1e9, kv_copies=s["kv_copies"],
                       kv_transfer_gb_s=s["kv_bytes"] / s["kv_seconds"] / 1e9 if s["kv_seconds"] else None,
                       backpressure_stalls=llm.scheduler.num_backpressure_stalls,
-                      migrations=llm.scheduler.num_migrations)
+                      migrations=llm.scheduler.num_migrations,
+                      prompt_tokens={n: w.prompt_tokens for n, w in zip(names, llm.workers)})
     if runners[0].is_cuda:
         result["peak_mem_gib"] = {str(r.device): torch.cuda.max_memory_reserved(r.device) / 2**30 for r in runners}
     return result

@@ -51,6 +51,8 @@ def test_offline_runs_every_mode_on_the_same_requests(qwen3_path, tmp_path):
     for worker in dp["workers"]:
         assert all(0 < f <= 1 for f in worker["busy_fraction"].values())
         assert all(blocks > 0 for blocks in worker["peak_kv_blocks_used"].values())
+    [pd] = results["pd"]["workers"]  # random prompts: no prefix-cache hits, and no preemption here
+    assert sum(pd["prompt_tokens"].values()) == results["pd"]["input_tokens"] and pd["preemptions"] == 0
     assert report["roofline"]["bound_s"] > 0
     assert report["hf_roofline"]["output_tokens"] == results["hf"]["output_tokens"]  # hf's bound: its own requests
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]

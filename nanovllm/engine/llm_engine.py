@@ -54,6 +54,7 @@ class Worker:
     """One device: its model runner and the steps launched there whose tokens are not collected yet."""
     runner: ModelRunner
     in_flight: deque  # of (Batch, PendingTokens | None), oldest first
+    prompt_tokens: int = 0  # prompt tokens computed here, in committed steps (PD: which GPU prefills)
 
 
 class LLMEngine:
@@ -340,7 +341,9 @@ class LLMEngine:
             raise RuntimeError("the scheduler could schedule nothing although requests are pending")
 
     def _count(self, batch: Batch):
-        self.stats["prefill_tokens"] += sum(end - start for _, start, end in batch.prefills)
+        prompt_tokens = sum(end - start for _, start, end in batch.prefills)
+        self.stats["prefill_tokens"] += prompt_tokens
+        self.workers[batch.worker].prompt_tokens += prompt_tokens
         self.stats["decode_tokens"] += len(batch.decodes)
 
     @contextlib.contextmanager
