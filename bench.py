@@ -358,6 +358,8 @@ def counters(llm, seconds: float) -> dict:
     import torch
     runners = _runners(llm)
     names = [f"{r.role} {r.device}" for r in runners]
+    if len(set(names)) < len(names):  # PD with both sides on the CPU
+        names = [f"{name} #{i}" for i, name in enumerate(names)]
     result = dict(seconds=seconds, kv_capacity_tokens={n: r.kv_capacity_tokens for n, r in zip(names, runners)},
                   busy_fraction={n: r.busy_seconds / seconds for n, r in zip(names, runners)},
                   preemptions=llm.scheduler.num_preemptions,
