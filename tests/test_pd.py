@@ -129,6 +129,47 @@ def test_where_each_policy_decodes(qwen3_path, policy):
         assert counts[0] > 0 and counts[1] > 0 and pd.scheduler.num_migrations > 0
 
 
+def prompt_workers(llm) -> dict[int, set[int]]:
+    """Record which worker computes each sequence's prompt, and where it is placed once the prompt is done."""
+    started, stayed = {0: set(), 1: set()}, set()
+    for i, worker in enumerate(llm.workers):
+        def launch(batch, i=i, launch=worker.runner.launch):
+            started[i].update(seq.seq_id for seq, _, _ in batch.prefills)
+            return launch(batch)
+        worker.runner.launch = launch
+    place = llm.scheduler._place
+
+    def placed(seq):
+        place(seq)
+        if seq.migration is None:
+            stayed.add(seq.seq_id)
+    llm.scheduler._place = placed
+    return started, stayed
+
+
+@pytest.mark.parametrize("policy", ["adaptive", "static"])
+def test_the_decode_worker_starts_prompts_only_when_worker_0_has_a_backlog(qwen3_path, policy):
+    """Adaptive: with more prompt tokens queued than worker 0 computes in a step, worker 1 starts prompts too, and
+    decodes them where they were prefilled; one prompt at a time stays on worker 0. Static: never on worker 1."""
+    prompts = random_prompts(16, 40, 90, seed=25)  # ~1,000 prompt tokens, in steps of 256
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    single = LLM(qwen3_path, **SINGLE, num_kv_cache_blocks=128).generate(prompts, params, use_tqdm=False)
+    pd = LLM(qwen3_path, **PD, pd_policy=policy, num_kv_cache_blocks=96, num_prefill_kv_cache_blocks=96)
+    started, stayed = prompt_workers(pd)
+    outputs = pd.generate(prompts, params, use_tqdm=False)
+    assert [o["token_ids"] for o in outputs] == [o["token_ids"] for o in single]
+    assert len(started[0] | started[1]) == len(prompts) and not started[0] & started[1]
+    if policy == "static":
+        assert not started[1]
+    else:
+        assert started[0] and started[1] and started[1] <= stayed  # worker 1's prompts decode there: no copy
+    started[0].clear()
+    on_worker_1 = len(started[1])
+    for prompt, expected in zip(prompts[:3], single):  # no backlog: one prompt at a time, on worker 0
+        assert pd.generate([prompt], params, use_tqdm=False)[0]["token_ids"] == expected["token_ids"]
+    assert len(started[0]) == 3 and len(started[1]) == on_worker_1
+
+
 def test_pd_where_it_cannot_run(qwen3_path, monkeypatch):
     """No second GPU, or no peer access: a clear error by default; pd_fallback picks one device or host copies."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

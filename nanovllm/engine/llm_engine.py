@@ -100,9 +100,10 @@ class LLMEngine:
             self.workers = [Worker(ModelRunner(c, c.device, c.num_kv_cache_blocks), deque())]
             return
         prefill_blocks = c.num_prefill_kv_cache_blocks if c.num_prefill_kv_cache_blocks > 0 else c.num_kv_cache_blocks
-        prefill_role = "prefill" if c.pd_policy == "static" else "both"
-        self.workers = [Worker(ModelRunner(c, c.prefill_device_id, prefill_blocks, role=prefill_role), deque()),
-                        Worker(ModelRunner(c, c.decode_device_id, c.num_kv_cache_blocks, role="decode"), deque())]
+        # Static: one side only prefills, the other only decodes. Adaptive: both may do both (scheduler.py's policy).
+        roles = ("prefill", "decode") if c.pd_policy == "static" else ("both", "both")
+        self.workers = [Worker(ModelRunner(c, c.prefill_device_id, prefill_blocks, role=roles[0]), deque()),
+                        Worker(ModelRunner(c, c.decode_device_id, c.num_kv_cache_blocks, role=roles[1]), deque())]
 
     def init_scheduler(self):
         block_managers = [BlockManager(w.runner.num_kv_blocks, self.config.kv_cache_block_size,

@@ -194,7 +194,7 @@ class Scheduler:
 
     def _schedule_prefills(self, batch: Batch):
         w = batch.worker
-        if w != self.policy.prefill_worker:
+        if not self.prefilling[w] and not self.policy.prefills_on(w):
             return
         if batch.decodes and not self.chunk_tokens:
             return  # chunking off: a prefill step runs alone (see _schedule_decodes)
@@ -208,7 +208,7 @@ class Scheduler:
                 budget -= self._add_chunk(batch, seq, budget)
                 num_seqs += 1
         bm = self.block_managers[w]
-        while self.waiting and budget > 0 and num_seqs < self.max_num_seqs:
+        while self.waiting and budget > 0 and num_seqs < self.max_num_seqs and self.policy.prefills_on(w):
             seq = self.waiting[0]
             if bm.num_free_blocks - seq.num_blocks < self.watermark(w) or not self.policy.can_admit(seq):
                 self.num_backpressure_stalls += 1
@@ -416,6 +416,10 @@ class SingleDevice:
     def can_admit(self, seq: Sequence) -> bool:
         return True
 
+    def prefills_on(self, worker: int) -> bool:
+        """Whether `worker` may start a waiting prompt now."""
+        return worker == self.prefill_worker
+
     def admitted(self, seq: Sequence):
         pass
 
@@ -492,6 +496,13 @@ class AdaptivePD(SingleDevice):
         s = self.scheduler
         running = sum(map(len, s.decoding)) + len(s.migrating) + sum(map(len, s.prefilling))
         return running < s.max_num_seqs * s.num_workers
+
+    def prefills_on(self, worker: int) -> bool:
+        """Worker 0 prefills. Another worker also starts waiting prompts while more prompt tokens are queued than
+        worker 0 computes in a step: worker 0 is then the bottleneck, and prompts would wait for it (TTFT) where
+        two independent engines would have started them. Such a prompt decodes where it was prefilled, no copy."""
+        s = self.scheduler
+        return worker == self.prefill_worker or s.prompt_backlog(s.max_num_batched_tokens) > s.max_num_batched_tokens
 
     def note_step(self, batch: Batch):
         if batch.worker == self.prefill_worker:
