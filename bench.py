@@ -39,6 +39,9 @@ start each timed run together at a barrier, and its time ends when the last of t
 fails is reported with its reason and the others still run; the exit status is then 1.
 """
 import argparse
+import glob
+import hashlib
+import importlib.util
 import json
 import math
 import multiprocessing as mp
@@ -693,15 +696,36 @@ def default_modes(args, num_gpus: int) -> list[str]:
 
 
 def _commit() -> str | None:
+    """The git commit of this checkout, or None where this script is not at the top of one (e.g. a tree archived
+    inside another checkout, which would otherwise be named by the outer commit)."""
     here = os.path.dirname(os.path.abspath(__file__))
+    git = ["git", "-C", here]
     try:
-        commit = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
+        top = subprocess.run(git + ["rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True)
+        if os.path.realpath(top.stdout.strip()) != os.path.realpath(here):
+            return None
+        commit = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit + ("-dirty" if dirty else "")
+
+
+def _code_fingerprint() -> str | None:
+    """A hash of the engine's Python sources (the nanovllm package the runs import) and of this script: it names
+    the code that ran, with or without git, and two runs of the same code have the same one."""
+    spec = importlib.util.find_spec("nanovllm")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    package = os.path.abspath(spec.submodule_search_locations[0])
+    digest = hashlib.sha1()
+    for path in sorted(glob.glob(os.path.join(package, "**", "*.py"), recursive=True)) + [os.path.abspath(__file__)]:
+        digest.update(os.path.relpath(path, os.path.dirname(package)).replace(os.sep, "/").encode() + b"\0")
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:12]
 
 
 # ---- the report ----
@@ -710,7 +734,7 @@ def print_report(report: dict):
     m = report["machine"]
     gpus = ", ".join(m["gpus"]) + f" (driver {m.get('driver', '?')})" if m["gpus"] else "no GPU"
     print(f"\nmachine: {gpus}; torch {m['torch']}, triton {m['triton']}, transformers {m['transformers']}, "
-          f"Python {m['python']}; commit {report['commit']}")
+          f"Python {m['python']}; commit {report['commit']}, code {report['code']}")
     if report["online"]:
         print_online(report)
     else:
@@ -812,8 +836,8 @@ def main():
     modes = args.modes or default_modes(args, len(setup["machine"]["gpus"]))
     runs = timed_runs(args)  # made once here, so every mode gets the very same requests
     results = [result for mode in modes for result in run_mode(context, mode, args, runs)]
-    report = dict(machine=setup["machine"], commit=_commit(), argv=sys.argv[1:], modes=modes,
-                  online=args.online, repeat=args.repeat, requests=args.num_requests, results=results)
+    report = dict(machine=setup["machine"], commit=_commit(), code=_code_fingerprint(), argv=sys.argv[1:],
+                  modes=modes, online=args.online, repeat=args.repeat, requests=args.num_requests, results=results)
     if args.online:
         report["slo_ms"] = dict(ttft=args.slo_ttft_ms, tpot=args.slo_tpot_ms)
     else:

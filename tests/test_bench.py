@@ -195,3 +195,38 @@ def test_online_repeats_each_rate_with_new_requests(qwen3_path, tmp_path):
 def test_repeat_needs_online(qwen3_path, tmp_path):
     run = run_bench(qwen3_path, tmp_path / "x.json", "--modes", "single", "--repeat", "2")
     assert run.returncode != 0 and "--repeat: only with --online" in run.stderr
+
+
+def test_a_tree_copied_inside_a_checkout_is_named_by_its_code_not_the_outer_commit(tmp_path):
+    """Branches are often benchmarked as trees archived inside the main checkout: the report must not give them
+    the outer commit, and its code fingerprint tells their code apart (and equal code alike)."""
+    outer = tmp_path / "outer"
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(outer)]
+    outer.mkdir()
+    subprocess.run(git + ["init", "-q"], check=True)
+    (outer / "README").write_text("outer\n")
+    subprocess.run(git + ["add", "README"], check=True)
+    subprocess.run(git + ["commit", "-qm", "outer"], check=True)
+
+    def copy_tree(name: str) -> Path:
+        tree = outer / name
+        (tree / "bench.py").parent.mkdir(parents=True)
+        (tree / "bench.py").write_bytes((ROOT / "bench.py").read_bytes())
+        for source in (ROOT / "nanovllm").rglob("*.py"):
+            target = tree / source.relative_to(ROOT)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(source.read_bytes())
+        return tree
+
+    def identity(tree: Path) -> list:
+        code = "import bench; print(bench._commit(), bench._code_fingerprint())"
+        run = subprocess.run([sys.executable, "-c", code], cwd=tree, capture_output=True, text=True, check=True,
+                             env=dict(os.environ, PYTHONPATH=str(tree)))
+        return run.stdout.split()
+
+    same, changed = copy_tree("same"), copy_tree("changed")
+    with open(changed / "nanovllm" / "engine" / "scheduler.py", "a") as f:
+        f.write("# a branch's change\n")
+    (commit, fingerprint), (_, other) = identity(same), identity(changed)
+    assert commit == "None" and len(fingerprint) == 12 and other != fingerprint
+    assert identity(copy_tree("again")) == ["None", fingerprint]
