@@ -153,6 +153,33 @@ def test_step_api_finishes_with_the_text_generate_returns(qwen3_path):
     assert finished[ids[0]].text == engine.tokenizer.decode(full["token_ids"], skip_special_tokens=True)
 
 
+def test_text_streams_piece_by_piece_and_adds_up_to_the_final_text(qwen3_path):
+    """CPU, fp32: TextStream's pieces add up to each request's final text, with stop strings (never sent, not even
+    in part, before the request ends) and without, and through incomplete UTF-8 characters (sampled tokens of
+    the byte-level tokenizer include lone bytes)."""
+    engine = LLMEngine(qwen3_path, **SMALL)
+    prompts = random_prompts(8, 5, 20, seed=26)
+    sampled = [SamplingParams(temperature=1.0, max_tokens=40, ignore_eos=True, seed=i) for i in range(8)]
+    texts = [o["text"] for o in engine.generate(prompts, sampled, use_tqdm=False)]
+    stops = [[text[10:13]] if i % 2 else None for i, text in enumerate(texts)]  # a stop string in every other one
+    params = [SamplingParams(temperature=1.0, max_tokens=40, ignore_eos=True, seed=i, stop=stop)
+              for i, stop in enumerate(stops)]
+    expected = [text[:text.index(stop[0])] if stop else text for text, stop in zip(texts, stops)]
+    ids = [engine.add_request(p, q) for p, q in zip(prompts, params)]
+    streams, expected = {i: engine.text_stream(i) for i in ids}, dict(zip(ids, expected))
+    sent, final = {i: "" for i in ids}, {}
+    while not engine.is_finished():
+        for out in engine.step():
+            sent[out.request_id] += streams[out.request_id].push(out)
+            assert expected[out.request_id].startswith(sent[out.request_id])  # nothing sent is ever taken back
+            if out.finished:
+                final[out.request_id] = out.text
+    assert any("\ufffd" in text for text in texts)  # the case of incomplete characters did come up
+    assert sent == final == expected
+    with pytest.raises(ValueError, match="request_id 12345"):
+        engine.text_stream(12345)
+
+
 def test_generate_keeps_the_outputs_of_requests_it_did_not_add(qwen3_path):
     """A request added with add_request() may finish while generate() runs others: its outputs wait for step()."""
     engine = LLMEngine(qwen3_path, **SMALL)

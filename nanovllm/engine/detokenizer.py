@@ -1,4 +1,5 @@
-"""Stop strings, checked incrementally: each new token decodes a few tokens, not the whole completion."""
+"""A completion's text, built incrementally: each new token decodes a few tokens, not the whole completion.
+The engine uses it for stop strings (StopChecker); step() users stream text with it (TextStream)."""
 from dataclasses import dataclass
 
 from nanovllm.engine.sequence import Sequence
@@ -27,19 +28,58 @@ class StopChecker:
         assert seq.num_prompt_tokens + num_tokens == seq.num_tokens - seq.num_pending + 1
         prefix_start = max(0, state.read_offset - CONTEXT_TOKENS)
         tokens = seq.token_ids[seq.num_prompt_tokens + prefix_start:seq.num_prompt_tokens + num_tokens - 1] + [token_id]
-        prefix = self._decode(tokens[:state.read_offset - prefix_start])
-        full = self._decode(tokens)
-        new_text, read_offset = "", state.read_offset
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):  # an incomplete character waits for the next
-            new_text, read_offset = full[len(prefix):], num_tokens
-        text = state.text + new_text
+        new_text = read_new_text(self.tokenizer, tokens, state.read_offset - prefix_start)
+        read_offset = state.read_offset if new_text is None else num_tokens
+        text = state.text + (new_text or "")
         longest = max(map(len, seq.params.stop))
         search_from = max(0, len(state.text) - longest + 1)
         cuts = [i for i in (text.find(stop, search_from) for stop in seq.params.stop) if i != -1]
         return StopState(text, num_tokens, read_offset, min(cuts) if cuts else None)
 
-    def _decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def read_new_text(tokenizer, tokens: list[int], num_read: int) -> str | None:
+    """The text that `tokens` after the first `num_read` add to the text of those (which is already known), or
+    None while it is not final: it ends in an incomplete UTF-8 character, which waits for the next token. The
+    tokens before the new ones are decoded again so that merges across tokens come out right."""
+    prefix = tokenizer.decode(tokens[:num_read], skip_special_tokens=True)
+    full = tokenizer.decode(tokens, skip_special_tokens=True)
+    if len(full) > len(prefix) and not full.endswith("\ufffd"):
+        return full[len(prefix):]
+    return None
+
+
+class TextStream:
+    """One request's completion as text, as its tokens come out of `LLMEngine.step()` (get one from
+    `LLMEngine.text_stream(request_id)`). `push(output)` returns the text that is now final: it holds back an
+    incomplete UTF-8 character, and the text that could still begin one of the request's stop strings (the
+    engine cuts those from the completion). Pushed the request's last output, it returns the rest of the
+    engine's own text, so the pieces always add up to `StepOutput.text`."""
+
+    def __init__(self, tokenizer, stop: list[str] | None):
+        self.tokenizer = tokenizer
+        self.hold_back = max(map(len, stop)) - 1 if stop else 0  # a stop string still incomplete fits in this
+        self.token_ids: list[int] = []
+        self.read_offset = 0  # tokens whose text is in self.text
+        self.text = ""  # the completion's text so far
+        self.sent = 0  # characters of it returned so far
+
+    def push(self, output) -> str:
+        if output.finished:
+            rest = (output.text or "")[self.sent:]
+            self.sent += len(rest)
+            return rest
+        if output.new_token_id is None:
+            return ""
+        self.token_ids.append(output.new_token_id)
+        start = max(0, self.read_offset - CONTEXT_TOKENS)
+        new_text = read_new_text(self.tokenizer, self.token_ids[start:], self.read_offset - start)
+        if new_text is not None:
+            self.text += new_text
+            self.read_offset = len(self.token_ids)
+        end = max(self.sent, len(self.text) - self.hold_back)
+        piece, self.sent = self.text[self.sent:end], end
+        return piece
 
 
 def special_token_texts(tokenizer) -> list[str]:

@@ -19,7 +19,7 @@ from transformers import AutoTokenizer, GenerationConfig
 
 from nanovllm.config import Config
 from nanovllm.engine.block_manager import BlockManager
-from nanovllm.engine.detokenizer import StopChecker, check_stop_strings, special_token_texts
+from nanovllm.engine.detokenizer import StopChecker, TextStream, check_stop_strings, special_token_texts
 from nanovllm.engine.kv_transfer import KVTransfer
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.scheduler import Batch, Scheduler
@@ -174,6 +174,16 @@ class LLMEngine:
         if not all(0 <= t < vocab_size for t in token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
         return token_ids
+
+    def text_stream(self, request_id: int) -> TextStream:
+        """A TextStream for a queued request: push it each of the request's StepOutputs, and it returns the new
+        text that is final (see engine/detokenizer.py)."""
+        if self.tokenizer is None:
+            raise ValueError(f"{self.config.model!r} has no tokenizer: a completion has no text to stream")
+        seq = self.requests.get(request_id)
+        if seq is None:
+            raise ValueError(f"request_id {request_id!r}: no such request in flight (ask right after add_request)")
+        return TextStream(self.tokenizer, seq.params.stop)
 
     def abort_request(self, request_id: int) -> bool:
         """Stop a request now and free its KV; the next step() reports it finished with reason "abort".
