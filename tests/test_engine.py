@@ -178,6 +178,8 @@ def test_text_streams_piece_by_piece_and_adds_up_to_the_final_text(qwen3_path):
     assert sent == final == expected
     with pytest.raises(ValueError, match="request_id 12345"):
         engine.text_stream(12345)
+    with pytest.raises(TypeError, match="request_id must be an int"):
+        engine.text_stream(True)
 
 
 def test_generate_keeps_the_outputs_of_requests_it_did_not_add(qwen3_path):

@@ -180,7 +180,7 @@ class LLMEngine:
         text that is final (see engine/detokenizer.py)."""
         if self.tokenizer is None:
             raise ValueError(f"{self.config.model!r} has no tokenizer: a completion has no text to stream")
-        seq = self.requests.get(request_id)
+        seq = self.requests.get(_request_id(request_id))
         if seq is None:
             raise ValueError(f"request_id {request_id!r}: no such request in flight (ask right after add_request)")
         return TextStream(self.tokenizer, seq.params.stop)
@@ -188,9 +188,7 @@ class LLMEngine:
     def abort_request(self, request_id: int) -> bool:
         """Stop a request now and free its KV; the next step() reports it finished with reason "abort".
         Returns False if it is unknown or already finished."""
-        if not isinstance(request_id, numbers.Integral) or isinstance(request_id, bool):  # True would abort request 1
-            raise TypeError(f"request_id must be an int, as add_request() returned it, got {_describe(request_id)}")
-        seq = self.requests.get(int(request_id))  # numpy integers too
+        seq = self.requests.get(_request_id(request_id))
         if seq is None or seq.is_finished:
             return False
         with _sigint_deferred():
@@ -457,6 +455,13 @@ def _sigint_deferred():
         signal.signal(signal.SIGINT, previous)
         if received and callable(previous):
             previous(*received[0])
+
+
+def _request_id(request_id) -> int:
+    """An id as add_request() returned it (numpy integers too); a bool is refused: True would name request 1."""
+    if not isinstance(request_id, numbers.Integral) or isinstance(request_id, bool):
+        raise TypeError(f"request_id must be an int, as add_request() returned it, got {_describe(request_id)}")
+    return int(request_id)
 
 
 def _describe(value) -> str:
