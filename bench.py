@@ -36,7 +36,8 @@ defaults, and how each figure is defined). --repeat N serves each rate N times, 
 
 Each mode runs in its own processes, so one mode's memory never shows in another's; a mode's processes
 start each timed run together at a barrier, and its time ends when the last of them is done. A mode that
-fails is reported with its reason and the others still run; the exit status is then 1.
+fails is reported with its reason and the others still run; the exit status is then 1. Interrupted (Ctrl-C,
+or SIGTERM, which `timeout` sends), it reports the modes that finished, and exits with status 1.
 """
 import argparse
 import glob
@@ -47,6 +48,7 @@ import math
 import multiprocessing as mp
 import os
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -835,7 +837,15 @@ def main():
         args.device = "cpu"
     modes = args.modes or default_modes(args, len(setup["machine"]["gpus"]))
     runs = timed_runs(args)  # made once here, so every mode gets the very same requests
-    results = [result for mode in modes for result in run_mode(context, mode, args, runs)]
+    results, unfinished = [], list(modes)
+    signal.signal(signal.SIGTERM, _interrupt)  # `timeout` sends SIGTERM: report the modes done so far, as Ctrl-C does
+    try:
+        while unfinished:
+            results += run_mode(context, unfinished[0], args, runs)
+            unfinished.pop(0)
+    except KeyboardInterrupt:
+        print(f"[bench] interrupted: no results for {', '.join(unfinished)}", file=sys.stderr, flush=True)
+    modes = [mode for mode in modes if mode not in unfinished]
     report = dict(machine=setup["machine"], commit=_commit(), code=_code_fingerprint(), argv=sys.argv[1:],
                   modes=modes, online=args.online, repeat=args.repeat, requests=args.num_requests, results=results)
     if args.online:
@@ -849,6 +859,12 @@ def main():
     failed = sorted({res["mode"] for res in results if "error" in res}, key=modes.index)
     if failed:
         sys.exit(f"bench: {len(failed)} mode(s) failed: {', '.join(failed)} (reasons above)")
+    if unfinished:
+        sys.exit(f"bench: interrupted before {', '.join(unfinished)} finished")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ No timings are asserted: only that every mode ran, and that its numbers exist an
 import gc
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -230,3 +231,26 @@ def test_a_tree_copied_inside_a_checkout_is_named_by_its_code_not_the_outer_comm
     (commit, fingerprint), (_, other) = identity(same), identity(changed)
     assert commit == "None" and len(fingerprint) == 12 and other != fingerprint
     assert identity(copy_tree("again")) == ["None", fingerprint]
+
+
+def test_an_interrupted_run_reports_the_modes_that_finished(qwen3_path, tmp_path):
+    """SIGTERM (what `timeout` sends) while the second mode runs: the first mode's figures still come out."""
+    out = tmp_path / "partial.json"
+    command = [sys.executable, "-u", str(ROOT / "bench.py"), "--model", qwen3_path, "--device", "cpu",
+               "--input-len", "8", "24", "--output-len", "4", "8", "--max-model-len", "128", "--num-requests", "4",
+               "--modes", "single,dp", "--json", str(out)]
+    bench_process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env=dict(os.environ, OMP_NUM_THREADS="1"))
+    seen = []
+    for line in bench_process.stdout:
+        seen.append(line)
+        if line.startswith("[bench] dp:"):  # single is done, dp has started
+            bench_process.send_signal(signal.SIGTERM)
+            break
+    stdout, stderr = bench_process.communicate(timeout=120)
+    stdout = "".join(seen) + stdout
+    assert bench_process.returncode == 1 and "interrupted before dp finished" in stderr, stderr[-4000:]
+    assert any(line.startswith("single ") for line in stdout.splitlines())
+    report = json.loads(out.read_text())
+    assert report["modes"] == ["single"] and [r["mode"] for r in report["results"]] == ["single"]
+    assert report["results"][0]["output_tok_s"] > 0
