@@ -37,7 +37,6 @@ class StopChecker:
         return StopState(text, num_tokens, read_offset, min(cuts) if cuts else None)
 
 
-
 def read_new_text(tokenizer, tokens: list[int], num_read: int) -> str | None:
     """The text that `tokens` after the first `num_read` add to the text of those (which is already known), or
     None while it is not final: it ends in an incomplete UTF-8 character, which waits for the next token. The
