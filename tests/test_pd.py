@@ -170,6 +170,24 @@ def test_the_decode_worker_starts_prompts_only_when_worker_0_has_a_backlog(qwen3
     assert len(started[0]) == 3 and len(started[1]) == on_worker_1
 
 
+def test_one_long_prompt_is_no_backlog_by_itself(qwen3_path):
+    """Adaptive, CPU fp32: worker 1 starts the next prompt only while, without it, more than a step's worth of
+    prompt tokens waits for worker 0; one prompt longer than a step stays worker 0's."""
+    long_prompts = random_prompts(2, 100, 100, seed=27)  # each longer than a step of 64 tokens
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    single = LLM(qwen3_path, **SINGLE, num_kv_cache_blocks=64).generate(long_prompts, params, use_tqdm=False)
+    pd = LLM(qwen3_path, **dict(PD, max_num_batched_tokens=64), num_kv_cache_blocks=64,
+             num_prefill_kv_cache_blocks=64)
+    first = pd.add_request(long_prompts[0], params)
+    assert not pd.scheduler.policy.prefills_on(1)
+    second = pd.add_request(long_prompts[1], params)
+    assert pd.scheduler.policy.prefills_on(1)  # without the first prompt, 100 tokens (> 64) still wait
+    finished = {}
+    while not pd.is_finished():
+        finished.update((out.request_id, out.token_ids) for out in pd.step() if out.finished)
+    assert [finished[first], finished[second]] == [o["token_ids"] for o in single]
+
+
 def test_pd_where_it_cannot_run(qwen3_path, monkeypatch):
     """No second GPU, or no peer access: a clear error by default; pd_fallback picks one device or host copies."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

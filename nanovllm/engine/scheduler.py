@@ -498,11 +498,17 @@ class AdaptivePD(SingleDevice):
         return running < s.max_num_seqs * s.num_workers
 
     def prefills_on(self, worker: int) -> bool:
-        """Worker 0 prefills. Another worker also starts waiting prompts while more prompt tokens are queued than
-        worker 0 computes in a step: worker 0 is then the bottleneck, and prompts would wait for it (TTFT) where
-        two independent engines would have started them. Such a prompt decodes where it was prefilled, no copy."""
+        """Worker 0 prefills. Another worker also starts the next waiting prompt while, without it, more prompt
+        tokens are queued than worker 0 computes in a step: worker 0 is then the bottleneck, and prompts would wait
+        for it (TTFT) where two independent engines would have started them. Such a prompt decodes where it was
+        prefilled, no copy. (Without it: one long prompt alone stays on worker 0, however many steps it takes.)"""
         s = self.scheduler
-        return worker == self.prefill_worker or s.prompt_backlog(s.max_num_batched_tokens) > s.max_num_batched_tokens
+        if worker == self.prefill_worker:
+            return True
+        if not s.waiting:
+            return False
+        limit, head = s.max_num_batched_tokens, s.waiting[0].num_tokens - s.waiting[0].num_computed_tokens
+        return s.prompt_backlog(limit + head) - head > limit
 
     def note_step(self, batch: Batch):
         if batch.worker == self.prefill_worker:
