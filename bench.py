@@ -648,7 +648,7 @@ def online_summary(requests: list[Request], parts: list[dict], args) -> dict:
             index=r.index, arrival_s=r.arrival, prompt_len=len(r.prompt), output_len=r.output_len,
             tokens=len(times), ttft_ms=1e3 * (times[0] - r.arrival), e2e_ms=1e3 * (times[-1] - r.arrival),
             tpot_ms=1e3 * (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None,
-            max_itl_ms=1e3 * max(request_gaps) if request_gaps else None))
+            max_itl_ms=1e3 * max(request_gaps) if request_gaps else None, worker_runs=worker_runs(workers)))
     seconds = max(p["seconds"] for p in parts)  # first arrival to last token, over all processes
     good = [q for q in per_request if q["ttft_ms"] <= args.slo_ttft_ms
             and (q["tpot_ms"] is None or q["tpot_ms"] <= args.slo_tpot_ms)]
@@ -661,6 +661,18 @@ def online_summary(requests: list[Request], parts: list[dict], args) -> dict:
                 output_tok_s=sum(q["tokens"] for q in per_request) / seconds,
                 workers=[{k: v for k, v in p.items() if k not in ("token_times", "token_workers")} for p in parts],
                 per_request=per_request)
+
+
+def worker_runs(workers: list[int]) -> list[list[int]]:
+    """Where a request's tokens came from, as [worker, tokens] runs: [[0, 1], [1, 200]] is a prefill on worker 0
+    and 200 tokens decoded on worker 1 after one move; more runs are more moves (PD only)."""
+    runs = []
+    for worker in workers:
+        if runs and runs[-1][0] == worker:
+            runs[-1][1] += 1
+        else:
+            runs.append([worker, 1])
+    return runs
 
 
 def itl_tail(gaps: list[float], causes: list[str]) -> dict:

@@ -105,6 +105,7 @@ def test_online_measures_latency_of_every_request(qwen3_path, tmp_path):
             assert q["tokens"] == q["output_len"]
             assert 0 < q["ttft_ms"] <= q["e2e_ms"]
             assert 0 < q["tpot_ms"] <= q["max_itl_ms"]  # output lengths are >= 4, so every request has gaps
+            assert q["worker_runs"] == [[0, q["tokens"]]]  # one device per process: no moves
         for metric in ("ttft_ms", "tpot_ms", "itl_ms"):
             assert 0 <= r[metric]["p50"] <= r[metric]["p99"]
         assert r["itl_ms"]["p99"] <= r["itl_ms"]["max"]
@@ -123,6 +124,7 @@ def test_the_inter_token_tail_is_split_by_cause():
     tail = bench.itl_tail(gaps, causes)
     assert tail == {"worker 1": dict(gaps=98, over_p99=0), "moved": dict(gaps=1, over_p99=1),
                     "worker 0": dict(gaps=1, over_p99=0)}
+    assert bench.worker_runs([0, 1, 1, 1, 0, 0, 1]) == [[0, 1], [1, 3], [0, 2], [1, 1]]  # three moves
 
 
 def test_decode_kernel_benchmark_checks_correctness():
