@@ -43,6 +43,7 @@ import argparse
 import glob
 import hashlib
 import importlib.util
+import itertools
 import json
 import math
 import multiprocessing as mp
@@ -666,13 +667,7 @@ def online_summary(requests: list[Request], parts: list[dict], args) -> dict:
 def worker_runs(workers: list[int]) -> list[list[int]]:
     """Where a request's tokens came from, as [worker, tokens] runs: [[0, 1], [1, 200]] is a prefill on worker 0
     and 200 tokens decoded on worker 1 after one move; more runs are more moves (PD only)."""
-    runs = []
-    for worker in workers:
-        if runs and runs[-1][0] == worker:
-            runs[-1][1] += 1
-        else:
-            runs.append([worker, 1])
-    return runs
+    return [[worker, len(list(tokens))] for worker, tokens in itertools.groupby(workers)]
 
 
 def itl_tail(gaps: list[float], causes: list[str]) -> dict:
