@@ -7,7 +7,10 @@ the host time of the launch; for steps 2 and 6, with the GPU idle before (synchr
 the time until the GPU is done: equal times mean the GPU waited on the host for the whole step. Step 3 runs under
 PyTorch's sync debug mode (a warning with its stack for each synchronizing call it detects), steps 4 and 5 under
 cProfile (functions by own time), and step 7 under torch.profiler (operators by their own host time, CUDA API calls
-included). A diagnostic, not a benchmark: the profilers inflate the host times they report (cProfile most, for
+included). Steps 2 (prompt tokens only) and 8 (a chunk beside decodes) also run under torch.profiler with the CUDA
+activity, the GPU idle before: their kernels' GPU time by kind (matmul, attention, Triton, other) against the step's
+span on the GPU, and the matmuls' TFLOP/s; so whether a prompt step is host- or GPU-bound, and which kernels hold a
+GPU-bound one. A diagnostic, not a benchmark: the profilers inflate the host times they report (cProfile most, for
 Python-heavy calls).
 """
 import cProfile, io, pstats, random, sys, time, traceback, warnings
@@ -28,13 +31,63 @@ def show(message, category, filename, lineno, file=None, line=None):
     print("".join(traceback.format_stack(limit=12)[:-1]))
 
 
+# Matmul weights per token (the layers' projections; the lm_head runs on the sampled rows only).
+MATMUL_PARAMS = sum(p.numel() for name, p in runner.model.named_parameters() if name.endswith("proj.weight"))
+
+
+def kernel_kind(name: str) -> str:
+    lower = name.lower()
+    if any(key in lower for key in ("gemm", "cutlass", "nvjet", "xmma", "sm90_", "sm80_")):
+        return "matmul"
+    if any(key in lower for key in ("flash", "fmha", "attention", "attn")):
+        return "attention"
+    if lower.startswith("_") or "triton" in lower:
+        return "triton"
+    return "other"
+
+
+def profile_kernels(what: str, batch, tokens: int):
+    """The step under torch.profiler (CPU and CUDA), with the GPU idle before: where its GPU time goes."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=activities) as prof:
+        t = time.perf_counter(); p = launch(batch); h = time.perf_counter() - t
+        torch.cuda.synchronize(); g = time.perf_counter() - t
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if not kernels:
+        print(f"{what}: the profiler saw no CUDA kernel", flush=True)
+        return p
+    by_kind, count = {}, {}
+    for e in kernels:
+        kind = kernel_kind(e.name)
+        by_kind[kind] = by_kind.get(kind, 0) + e.time_range.elapsed_us() / 1e3
+        count[kind] = count.get(kind, 0) + 1
+    span = (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)) / 1e3
+    busy = sum(by_kind.values())
+    print(f"{what}: profiled (CPU + CUDA), host launch {h * 1e3:.1f} ms, launch to done {g * 1e3:.1f} ms; "
+          f"kernels {len(kernels)}, their GPU time {busy:.1f} ms over a span of {span:.1f} ms "
+          f"({busy / span:.0%} busy)", flush=True)
+    for kind in sorted(by_kind, key=by_kind.get, reverse=True):
+        print(f"  {kind:<10} {by_kind[kind]:7.2f} ms in {count[kind]:4d} kernels", flush=True)
+    if by_kind.get("matmul"):
+        flop = 2 * MATMUL_PARAMS * tokens
+        print(f"  matmuls: {flop / 1e12:.2f} TFLOP in {by_kind['matmul']:.2f} ms = "
+              f"{flop / by_kind['matmul'] / 1e9:.0f} TFLOP/s", flush=True)
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=70),
+          flush=True)
+    return p
+
+
 def traced(batch):
     if not batch.prefills:
         return launch(batch)
     count[0] += 1
     prompt_tokens = sum(end - start for _, start, end in batch.prefills)
     what = f"prompt step {count[0]} ({prompt_tokens} prompt tokens, {len(batch.decodes)} decodes)"
-    if count[0] in (2, 6):
+    if count[0] in (2, 8):
+        padded = -(-prompt_tokens // runner.prefill_token_multiple) * runner.prefill_token_multiple
+        return profile_kernels(what, batch, padded + len(batch.decodes))
+    if count[0] == 6:
         torch.cuda.synchronize()
         t = time.perf_counter(); p = launch(batch); h = time.perf_counter() - t
         torch.cuda.synchronize(); g = time.perf_counter() - t
