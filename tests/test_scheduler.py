@@ -260,3 +260,29 @@ def test_a_freed_block_remembers_the_latest_step_that_may_still_write_it():
     assert bm.last_step_writing(blocks) == 3
     never_used = [b for b in range(100) if b not in blocks][:3]
     assert bm.last_step_writing(never_used) == 0
+
+
+def test_a_prompt_completed_in_a_step_in_flight_decodes_in_the_next_step():
+    """The step after the one that completes a prompt already decodes it, reading its first token (PENDING) from
+    that step's output row, so a request's second token comes one step after its first, not two."""
+    s = scheduler(100)
+    a, b = make(5), make(5)
+    s.add(a)
+    s.add(b)
+    prompts = s.schedule(0)  # both prompts complete here; not collected yet
+    assert [q.status for q in (a, b)] == [SequenceStatus.DECODING] * 2 and not s.prefilling[0]
+    decodes = s.schedule(0)
+    assert [(q, end, row) for q, end, row in decodes.decodes] == [(a, 6, 0), (b, 6, 1)]
+    s.apply_results(prompts, s.check_results(prompts, [11, 21]))
+    s.apply_results(decodes, s.check_results(decodes, [12, 22]))
+    assert a.completion_token_ids == [11, 12] and b.completion_token_ids == [21, 22]
+
+
+def test_a_one_token_request_is_not_decoded_past_its_prompt_step():
+    s = scheduler(100)
+    q = make(5, max_tokens=1)
+    s.add(q)
+    prompt = s.schedule(0)
+    assert not s.schedule(0)  # its pending token ends it: no step for a token after
+    s.apply_results(prompt, s.check_results(prompt, [11]))
+    assert q.finish_reason == "length" and q.completion_token_ids == [11] and s.is_finished()

@@ -21,7 +21,7 @@ from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.sequence import Sequence, SequenceStatus
 from nanovllm.models.decoder import head_dim_of, kv_heads_of
 
-DECODING, FINISHED, PREFILLING = SequenceStatus.DECODING, SequenceStatus.FINISHED, SequenceStatus.PREFILLING
+DECODING, FINISHED = SequenceStatus.DECODING, SequenceStatus.FINISHED
 
 MAX_FAILURES = 3  # a request that was in this many failed steps in a row fails with the error
 
@@ -113,6 +113,7 @@ class Scheduler:
         try:
             self._schedule_decodes(batch)
             self._schedule_prefills(batch)
+            self._place_completed_prompts(batch)
         except BaseException:
             self.rollback([batch], error=None)
             raise
@@ -228,6 +229,15 @@ class Scheduler:
         self._launched(batch, seq, end)
         return end - start
 
+    def _place_completed_prompts(self, batch: Batch):
+        """The prompts this step completes decode from the next step on, where the policy places them: the next
+        step reads each one's first token, still PENDING, from this step's output on the device, as it does
+        for any decode. (Placed once their tokens came back, they sat the next step out, and every request's
+        second token came two steps after its first.) A move to another worker still waits for the token."""
+        for seq in batch.sampled[len(batch.decodes):]:
+            self.prefilling[batch.worker].remove(seq)
+            self._place(seq)
+
     def _launched(self, batch: Batch, seq: Sequence, end: int):
         """The step computes `seq`'s KV up to `end`; if that is all its tokens, it samples the next one."""
         batch.epochs[seq.seq_id] = seq.epoch
@@ -299,9 +309,6 @@ class Scheduler:
                     seq.text = stop.text[:stop.cut]
                 self._leave(seq)
                 self._finish(seq, reason)
-            elif seq.status is PREFILLING:
-                self.prefilling[seq.worker].remove(seq)
-                self._place(seq)
         self.policy.note_step(batch)
 
     def _cache_written_blocks(self, batch: Batch):

@@ -10,7 +10,7 @@ PENDING = -1  # a token sampled on the device whose value the host has not read 
 class SequenceStatus(Enum):
     WAITING = auto()     # queued: not yet admitted, or sent back to be recomputed (preempted, failed step)
     PREFILLING = auto()  # holds KV blocks on its worker; its prompt is computed, in one or more chunks
-    DECODING = auto()    # generates one token per step on its worker
+    DECODING = auto()    # from the step that completes its prompt on: one token per step on its worker
     MIGRATING = auto()   # its KV is being copied to another worker, where it decodes once the copy is done
     FINISHED = auto()
 
