@@ -7,15 +7,17 @@ the host time of the launch; for steps 2 and 6, with the GPU idle before (synchr
 the time until the GPU is done: equal times mean the GPU waited on the host for the whole step. Step 3 runs under
 PyTorch's sync debug mode (a warning with its stack for each synchronizing call it detects), steps 4 and 5 under
 cProfile (functions by own time), and step 7 under torch.profiler (operators by their own host time, CUDA API calls
-included). Steps 2 (prompt tokens only) and 8 (a chunk beside decodes) also run under torch.profiler with the CUDA
-activity, the GPU idle before: their kernels' GPU time by kind (matmul, attention, Triton, other) against the step's
-span on the GPU, and the matmuls' TFLOP/s; so whether a prompt step is host- or GPU-bound, and which kernels hold a
-GPU-bound one. A diagnostic, not a benchmark: the profilers inflate the host times they report (cProfile most, for
+included). Steps 1 (prompt tokens only) and 8 (a chunk beside decodes), and the first decode-only step of 64 or
+more sequences (a CUDA graph), also run under torch.profiler with the CUDA activity, the GPU idle before: their
+kernels' GPU time by kind (matmul, attention, Triton, other) against the step's span on the GPU, and the matmuls'
+TFLOP/s and weight bandwidth; so whether a step is host- or GPU-bound, which kernels hold a GPU-bound one, and how
+much of a decode graph's span is gaps between its small kernels. A diagnostic, not a benchmark: the profilers inflate the host times they report (cProfile most, for
 Python-heavy calls).
 """
 import cProfile, io, pstats, random, sys, time, traceback, warnings
 import torch
 from nanovllm import LLMEngine, SamplingParams
+from nanovllm.engine.scheduler import model_sizes
 
 engine = LLMEngine(sys.argv[1])
 runner = engine.model_runner
@@ -23,7 +25,7 @@ rng = random.Random(0)
 for _ in range(96):
     engine.add_request([rng.randrange(1000, 20000) for _ in range(rng.randint(800, 2000))],
                        SamplingParams(temperature=0.6, max_tokens=48, ignore_eos=True))
-launch, count = runner.launch, [0]
+launch, count, profiled_decode = runner.launch, [0], []
 
 
 def show(message, category, filename, lineno, file=None, line=None):
@@ -33,6 +35,7 @@ def show(message, category, filename, lineno, file=None, line=None):
 
 # Matmul weights per token (the layers' projections; the lm_head runs on the sampled rows only).
 MATMUL_PARAMS = sum(p.numel() for name, p in runner.model.named_parameters() if name.endswith("proj.weight"))
+KV_BYTES_PER_TOKEN = model_sizes(engine.config.hf_config, itemsize=2)[1]
 
 
 def kernel_kind(name: str) -> str:
@@ -46,13 +49,15 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
-def profile_kernels(what: str, batch, tokens: int):
+def profile_kernels(what: str, batch, tokens: int, kv_tokens: int = 0):
     """The step under torch.profiler (CPU and CUDA), with the GPU idle before: where its GPU time goes."""
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=activities) as prof:
         t = time.perf_counter(); p = launch(batch); h = time.perf_counter() - t
         torch.cuda.synchronize(); g = time.perf_counter() - t
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=70),
+          flush=True)
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     if not kernels:
         print(f"{what}: the profiler saw no CUDA kernel", flush=True)
@@ -70,21 +75,27 @@ def profile_kernels(what: str, batch, tokens: int):
     for kind in sorted(by_kind, key=by_kind.get, reverse=True):
         print(f"  {kind:<10} {by_kind[kind]:7.2f} ms in {count[kind]:4d} kernels", flush=True)
     if by_kind.get("matmul"):
-        flop = 2 * MATMUL_PARAMS * tokens
+        flop, weight_bytes = 2 * MATMUL_PARAMS * tokens, 2 * MATMUL_PARAMS
         print(f"  matmuls: {flop / 1e12:.2f} TFLOP in {by_kind['matmul']:.2f} ms = "
-              f"{flop / by_kind['matmul'] / 1e9:.0f} TFLOP/s", flush=True)
-    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=70),
-          flush=True)
+              f"{flop / by_kind['matmul'] / 1e9:.0f} TFLOP/s; weights {weight_bytes / 1e9:.2f} GB read at "
+              f"{weight_bytes / by_kind['matmul'] / 1e6:.0f} GB/s", flush=True)
+    if kv_tokens and by_kind.get("triton"):  # the decode attention is a Triton kernel
+        print(f"  KV read by the decodes: {kv_tokens * KV_BYTES_PER_TOKEN / 1e9:.2f} GB "
+              f"({kv_tokens} tokens); the Triton kernels' time includes the norms and the rotary", flush=True)
     return p
 
 
 def traced(batch):
     if not batch.prefills:
+        if len(batch.decodes) >= 64 and not profiled_decode:
+            profiled_decode.append(True)  # a decode-only step (a CUDA graph) at a large batch, once
+            return profile_kernels(f"decode step ({len(batch.decodes)} decodes)", batch, len(batch.decodes),
+                                   kv_tokens=sum(end for _, end, _ in batch.decodes))
         return launch(batch)
     count[0] += 1
     prompt_tokens = sum(end - start for _, start, end in batch.prefills)
     what = f"prompt step {count[0]} ({prompt_tokens} prompt tokens, {len(batch.decodes)} decodes)"
-    if count[0] in (2, 8):
+    if count[0] in (1, 8):
         padded = -(-prompt_tokens // runner.prefill_token_multiple) * runner.prefill_token_multiple
         return profile_kernels(what, batch, padded + len(batch.decodes))
     if count[0] == 6:
