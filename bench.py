@@ -644,7 +644,7 @@ def online_summary(requests: list[Request], parts: list[dict], args) -> dict:
         times, workers = token_times[r.index], token_workers[r.index]
         request_gaps = [b - a for a, b in zip(times, times[1:])]
         gaps += request_gaps
-        causes += ["moved" if a != b else f"worker {b}" for a, b in zip(workers, workers[1:])]
+        causes += gap_causes(workers)
         per_request.append(dict(
             index=r.index, arrival_s=r.arrival, prompt_len=len(r.prompt), output_len=r.output_len,
             tokens=len(times), ttft_ms=1e3 * (times[0] - r.arrival), e2e_ms=1e3 * (times[-1] - r.arrival),
@@ -670,9 +670,16 @@ def worker_runs(workers: list[int]) -> list[list[int]]:
     return [[worker, len(list(tokens))] for worker, tokens in itertools.groupby(workers)]
 
 
+def gap_causes(workers: list[int]) -> list[str]:
+    """What each gap between a request's tokens (made on `workers`) followed: a move to another worker ("moved"),
+    the prompt step on the same worker ("first": from the first token to the second), or a decode step there
+    ("worker 0", "worker 1"; each dp process is its own "worker 0")."""
+    return ["moved" if a != b else "first" if i == 0 else f"worker {b}"
+            for i, (a, b) in enumerate(zip(workers, workers[1:]))]
+
+
 def itl_tail(gaps: list[float], causes: list[str]) -> dict:
-    """Where the inter-token gaps above the p99 come from: a token after its request moved to another worker
-    ("moved"), or two tokens on one worker ("worker 0", "worker 1"; each dp process is its own "worker 0")."""
+    """Where the inter-token gaps above the p99 come from, by cause (`gap_causes`)."""
     p99 = percentile(gaps, 99)
     tail = {}
     for gap, cause in zip(gaps, causes):

@@ -112,9 +112,11 @@ def test_online_measures_latency_of_every_request(qwen3_path, tmp_path):
         assert 0 <= r["goodput_req_s"] <= r["achieved_req_s"]
         assert r["achieved_req_s"] == pytest.approx(6 / r["seconds"])
         assert r["slo_met"] == sum(q["ttft_ms"] <= 1000 and q["tpot_ms"] <= 100 for q in r["per_request"])
-        # One device per process: every gap is between two tokens of "worker 0", and each gap is counted once.
-        assert list(r["itl_tail"]) == ["worker 0"]
-        assert r["itl_tail"]["worker 0"]["gaps"] == sum(q["tokens"] - 1 for q in r["per_request"])
+        # One device per process: every gap is between two tokens of "worker 0" (the first after the prompt step:
+        # "first"), and each gap is counted once.
+        assert sorted(r["itl_tail"]) == ["first", "worker 0"]
+        assert r["itl_tail"]["first"]["gaps"] == 6
+        assert r["itl_tail"]["worker 0"]["gaps"] == sum(q["tokens"] - 2 for q in r["per_request"])
 
 
 def test_the_inter_token_tail_is_split_by_cause():
@@ -125,6 +127,8 @@ def test_the_inter_token_tail_is_split_by_cause():
     assert tail == {"worker 1": dict(gaps=98, over_p99=0), "moved": dict(gaps=1, over_p99=1),
                     "worker 0": dict(gaps=1, over_p99=0)}
     assert bench.worker_runs([0, 1, 1, 1, 0, 0, 1]) == [[0, 1], [1, 3], [0, 2], [1, 1]]  # three moves
+    assert bench.gap_causes([0, 1, 1, 1, 0, 0]) == ["moved", "worker 1", "worker 1", "moved", "worker 0"]
+    assert bench.gap_causes([1, 1, 1]) == ["first", "worker 1"]  # prefilled and decoded on worker 1: no move
 
 
 def test_decode_kernel_benchmark_checks_correctness():
