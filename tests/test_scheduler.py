@@ -286,3 +286,26 @@ def test_a_one_token_request_is_not_decoded_past_its_prompt_step():
     assert not s.schedule(0)  # its pending token ends it: no step for a token after
     s.apply_results(prompt, s.check_results(prompt, [11]))
     assert q.finish_reason == "length" and q.completion_token_ids == [11] and s.is_finished()
+
+
+def test_in_pd_a_completed_prompt_decodes_next_step_where_it_stays_and_moves_only_with_its_token_known():
+    """Adaptive PD: a prompt worker 1 started (under a backlog) decodes on worker 1 from its next step on, reading
+    its first token PENDING; one placed on the other worker is not decoded where it is, and its KV copy waits for
+    that token."""
+    c = config(enable_two_gpu_pd=True, hf_config=SimpleNamespace(num_hidden_layers=2, hidden_size=64,
+                                                                intermediate_size=128, num_attention_heads=4,
+                                                                num_key_value_heads=2))
+    s = Scheduler(c, [BlockManager(100, c.kv_cache_block_size), BlockManager(100, c.kv_cache_block_size)])
+    seqs = [make(30) for _ in range(7)]
+    for q in seqs:
+        s.add(q)
+    on_0 = s.schedule(0)  # 64 tokens: two prompts done (placed on worker 1, to move), a chunk of the third
+    assert on_0.sampled == seqs[:2] and [q.migration[0] for q in seqs[:2]] == [1, 1]
+    on_1 = s.schedule(1)  # 146 tokens wait for worker 0: a backlog, so worker 1 starts prompts, while one remains
+    assert on_1.sampled == seqs[3:5] and [q.worker for q in seqs[3:5]] == [1, 1]
+    assert s.start_migrations() == []  # the moving prompts' first tokens are still PENDING
+    assert [q for q, _, _ in s.schedule(0).decodes] == []  # nor are they decoded on worker 0 meanwhile
+    next_on_1 = s.schedule(1)
+    assert [(q, row) for q, _, row in next_on_1.decodes] == [(seqs[3], 0), (seqs[4], 1)]
+    s.apply_results(on_0, s.check_results(on_0, [5, 6]))
+    assert [q for q, _ in s.start_migrations()] == seqs[:2]  # tokens known: their copies start
