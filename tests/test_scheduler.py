@@ -26,6 +26,14 @@ def scheduler(num_blocks, **overrides):
     return Scheduler(c, [BlockManager(num_blocks, c.kv_cache_block_size)])
 
 
+def pd_scheduler(**overrides):
+    """Two workers of 100 blocks each, in PD mode (a tiny model shape for the policy's cost model)."""
+    c = config(enable_two_gpu_pd=True, hf_config=SimpleNamespace(num_hidden_layers=2, hidden_size=64,
+                                                                intermediate_size=128, num_attention_heads=4,
+                                                                num_key_value_heads=2), **overrides)
+    return Scheduler(c, [BlockManager(100, c.kv_cache_block_size), BlockManager(100, c.kv_cache_block_size)])
+
+
 def make(n_tokens, max_tokens=100):
     # Each prompt distinct, so that the prefix cache shares nothing.
     return Sequence([next(PROMPT_TOKEN)] * n_tokens, SamplingParams(temperature=0, max_tokens=max_tokens,
@@ -143,8 +151,7 @@ def test_a_pool_that_is_accepted_serves_the_longest_prompt():
 
 def test_static_pd_admits_no_more_than_max_num_seqs():
     """A finished prompt waits on worker 0 until its copy to worker 1 starts: it still counts as in flight."""
-    c = config(enable_two_gpu_pd=True, pd_policy="static", max_num_seqs=2)
-    s = Scheduler(c, [BlockManager(100, c.kv_cache_block_size), BlockManager(100, c.kv_cache_block_size)])
+    s = pd_scheduler(pd_policy="static", max_num_seqs=2)
     seqs = [make(10) for _ in range(4)]
     for q in seqs:
         s.add(q)
@@ -169,10 +176,7 @@ def test_adaptive_pd_decodes_on_the_decode_worker_while_the_prefill_worker_has_p
     """Online, worker 0's decodes would wait behind its prompt chunks (the inter-token tail PD exists to remove),
     and sequences moved there would move back once the prompts' load shows: while worker 0 has prompts, every
     sequence that fits decodes on worker 1."""
-    c = config(enable_two_gpu_pd=True, hf_config=SimpleNamespace(num_hidden_layers=2, hidden_size=64,
-                                                                intermediate_size=128, num_attention_heads=4,
-                                                                num_key_value_heads=2))
-    s = Scheduler(c, [BlockManager(100, c.kv_cache_block_size), BlockManager(100, c.kv_cache_block_size)])
+    s = pd_scheduler()
     seqs = [make(30) for _ in range(3)]
     for q in seqs:
         s.add(q)
@@ -228,10 +232,7 @@ def test_the_decode_worker_queues_more_steps_while_the_prefill_worker_has_prompt
     worker 0 has prompts, worker 1 keeps DEEP_QUEUE steps in flight, unless more prompt tokens wait than one step
     takes (then worker 0 is the bottleneck); otherwise every worker keeps two."""
     from nanovllm.engine.scheduler import DEEP_QUEUE
-    c = config(enable_two_gpu_pd=True, hf_config=SimpleNamespace(num_hidden_layers=2, hidden_size=64,
-                                                                intermediate_size=128, num_attention_heads=4,
-                                                                num_key_value_heads=2))
-    s = Scheduler(c, [BlockManager(100, c.kv_cache_block_size), BlockManager(100, c.kv_cache_block_size)])
+    s = pd_scheduler()
     assert [s.pipeline_depth(w) for w in (0, 1)] == [2, 2]
     s.add(make(30))
     assert [s.pipeline_depth(w) for w in (0, 1)] == [2, DEEP_QUEUE]
@@ -292,10 +293,7 @@ def test_in_pd_a_completed_prompt_decodes_next_step_where_it_stays_and_moves_onl
     """Adaptive PD: a prompt worker 1 started (under a backlog) decodes on worker 1 from its next step on, reading
     its first token PENDING; one placed on the other worker is not decoded where it is, and its KV copy waits for
     that token."""
-    c = config(enable_two_gpu_pd=True, hf_config=SimpleNamespace(num_hidden_layers=2, hidden_size=64,
-                                                                intermediate_size=128, num_attention_heads=4,
-                                                                num_key_value_heads=2))
-    s = Scheduler(c, [BlockManager(100, c.kv_cache_block_size), BlockManager(100, c.kv_cache_block_size)])
+    s = pd_scheduler()
     seqs = [make(30) for _ in range(7)]
     for q in seqs:
         s.add(q)
