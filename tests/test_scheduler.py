@@ -307,3 +307,18 @@ def test_in_pd_a_completed_prompt_decodes_next_step_where_it_stays_and_moves_onl
     assert [(q, row) for q, _, row in next_on_1.decodes] == [(seqs[3], 0), (seqs[4], 1)]
     s.apply_results(on_0, s.check_results(on_0, [5, 6]))
     assert [q for q, _ in s.start_migrations()] == seqs[:2]  # tokens known: their copies start
+
+
+def test_adaptive_pd_keeps_its_load_figures_exact_while_it_places_prompts():
+    """Each placement weighs the workers' loads; after several prompts are placed in one step, the loads it keeps
+    are what counting every sequence afresh gives."""
+    s = pd_scheduler()
+    s.block_managers[1].allocate_blocks(99)  # no room on worker 1: every prompt stays on worker 0
+    seqs = [make(8) for _ in range(3)]
+    for q in seqs:
+        s.add(q)
+    s.schedule(0)  # all three prompts complete in this step and are placed one after the other
+    assert [q.worker for q in seqs] == [0, 0, 0] and not any(q.migration for q in seqs)
+    kept = list(s.policy.loads())
+    s.policy.changed()
+    assert kept == s.policy.loads()

@@ -327,6 +327,7 @@ class Scheduler:
         """A prompt is done: decode where the policy says, here or (after a KV copy) on another worker."""
         seq.status = SequenceStatus.DECODING
         self.decoding[seq.worker].append(seq)
+        self.policy.changed()  # its tokens now count where it is: loads kept from before would leave them out
         destination = self.policy.place(seq)
         if destination != seq.worker and seq.migration is None:
             self.move(seq, destination)
