@@ -276,23 +276,25 @@ def serve(mode: str, rank: int, args, runs: list[list[Request]], barrier, send):
         reset_counters(llm)
         _synchronize(_devices(llm))
         barrier.wait(timeout=patience_s(args, runs))
-        token_times, token_workers, seconds = drive(llm, mine, args.timeout)
+        token_times, token_workers, added, seconds = drive(llm, mine, args.timeout)
         wrong = [r.index for r in mine if len(token_times[r.index]) != r.output_len]
         if wrong:
             raise RuntimeError(f"requests {wrong[:8]} did not get the number of tokens they asked for")
-        send(dict(requests=len(mine), token_times=token_times, token_workers=token_workers,
+        send(dict(requests=len(mine), token_times=token_times, token_workers=token_workers, added=added,
                   **counters(llm, seconds)))
 
 
-def drive(llm, requests: list[Request], timeout: float) -> tuple[dict[int, list[float]], dict[int, list[int]], float]:
+def drive(llm, requests: list[Request], timeout: float) -> tuple[dict, dict, dict, float]:
     """Add each request once its arrival time has passed, step until all are done.
 
     Returns each request's token times (seconds since the start: when step() handed the token back), the
-    worker each token came from, and the time the last request finished. Offline, every arrival is 0: all are
-    added before the first step."""
+    worker each token came from, when it was added (after its arrival, once the step() call in progress
+    returned), and the time the last request finished. Offline, every arrival is 0: all are added before the
+    first step."""
     from nanovllm import SamplingParams
     token_times = {r.index: [] for r in requests}
     token_workers = {r.index: [] for r in requests}
+    added = {}
     several = len(_runners(llm)) > 1  # PD: note the worker of every token (else it is worker 0's, noted at the end)
     index_of = {}  # engine request id -> Request.index
     next_up, unfinished = 0, len(requests)
@@ -304,6 +306,7 @@ def drive(llm, requests: list[Request], timeout: float) -> tuple[dict[int, list[
             r = requests[next_up]
             params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=r.output_len)
             index_of[llm.add_request(r.prompt, params)] = r.index
+            added[r.index] = time.perf_counter() - start
             next_up += 1
         if llm.is_finished():  # nothing to run until the next arrival
             if next_up == len(requests):
@@ -325,7 +328,7 @@ def drive(llm, requests: list[Request], timeout: float) -> tuple[dict[int, list[
     seconds = time.perf_counter() - start
     if not several:
         token_workers = {index: [0] * len(times) for index, times in token_times.items()}
-    return token_times, token_workers, seconds
+    return token_times, token_workers, added, seconds
 
 
 # What follows reads the engine's internals: the one place to update when they move.
@@ -633,12 +636,13 @@ def offline_summary(requests: list[Request], parts: list[dict]) -> dict:
     input_tokens, output_tokens = sum(len(r.prompt) for r in requests), sum(r.output_len for r in requests)
     return dict(requests=len(requests), input_tokens=input_tokens, output_tokens=output_tokens, seconds=seconds,
                 output_tok_s=output_tokens / seconds, total_tok_s=(input_tokens + output_tokens) / seconds,
-                workers=[{k: v for k, v in p.items() if k not in ("token_times", "token_workers")} for p in parts])
+                workers=[{k: v for k, v in p.items() if k not in ("token_times", "token_workers", "added")} for p in parts])
 
 
 def online_summary(requests: list[Request], parts: list[dict], args) -> dict:
     token_times = {i: times for p in parts for i, times in p["token_times"].items()}
     token_workers = {i: workers for p in parts for i, workers in p["token_workers"].items()}
+    added = {i: t for p in parts for i, t in p["added"].items()}
     per_request, gaps, causes = [], [], []
     for r in requests:
         times, workers = token_times[r.index], token_workers[r.index]
@@ -648,6 +652,7 @@ def online_summary(requests: list[Request], parts: list[dict], args) -> dict:
         per_request.append(dict(
             index=r.index, arrival_s=r.arrival, prompt_len=len(r.prompt), output_len=r.output_len,
             tokens=len(times), ttft_ms=1e3 * (times[0] - r.arrival), e2e_ms=1e3 * (times[-1] - r.arrival),
+            add_delay_ms=1e3 * (added[r.index] - r.arrival),  # part of the TTFT: the step() call in progress
             tpot_ms=1e3 * (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None,
             max_itl_ms=1e3 * max(request_gaps) if request_gaps else None, worker_runs=worker_runs(workers)))
     seconds = max(p["seconds"] for p in parts)  # first arrival to last token, over all processes
@@ -656,11 +661,12 @@ def online_summary(requests: list[Request], parts: list[dict], args) -> dict:
     tpots = [q["tpot_ms"] for q in per_request if q["tpot_ms"] is not None]
     return dict(requests=len(requests), seconds=seconds,
                 ttft_ms=_percentiles([q["ttft_ms"] for q in per_request]), tpot_ms=_percentiles(tpots),
+                add_delay_ms=_percentiles([q["add_delay_ms"] for q in per_request]),
                 itl_ms=dict(_percentiles([1e3 * g for g in gaps]), max=1e3 * max(gaps) if gaps else None),
                 itl_tail=itl_tail(gaps, causes),
                 slo_met=len(good), goodput_req_s=len(good) / seconds, achieved_req_s=len(requests) / seconds,
                 output_tok_s=sum(q["tokens"] for q in per_request) / seconds,
-                workers=[{k: v for k, v in p.items() if k not in ("token_times", "token_workers")} for p in parts],
+                workers=[{k: v for k, v in p.items() if k not in ("token_times", "token_workers", "added")} for p in parts],
                 per_request=per_request)
 
 

@@ -145,7 +145,7 @@ def main():
     bench._synchronize([str(runner.device)])
     before = allocator_counts(runner)
     with gc_pauses({}) as pauses:
-        _, _, wall_s = bench.drive(llm, requests, args.timeout)
+        _, _, _, wall_s = bench.drive(llm, requests, args.timeout)
     bench._synchronize([str(runner.device)])
     summary = summarize(records, hf, setup["ceilings"]["copy_gb_s"], wall_s)
     summary["allocator"] = {k: v - before[k] for k, v in allocator_counts(runner).items()}

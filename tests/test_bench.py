@@ -103,10 +103,10 @@ def test_online_measures_latency_of_every_request(qwen3_path, tmp_path):
     for r in results.values():
         for q in r["per_request"]:
             assert q["tokens"] == q["output_len"]
-            assert 0 < q["ttft_ms"] <= q["e2e_ms"]
+            assert 0 < q["ttft_ms"] <= q["e2e_ms"] and 0 <= q["add_delay_ms"] < q["ttft_ms"]
             assert 0 < q["tpot_ms"] <= q["max_itl_ms"]  # output lengths are >= 4, so every request has gaps
             assert q["worker_runs"] == [[0, q["tokens"]]]  # one device per process: no moves
-        for metric in ("ttft_ms", "tpot_ms", "itl_ms"):
+        for metric in ("ttft_ms", "tpot_ms", "itl_ms", "add_delay_ms"):
             assert 0 <= r[metric]["p50"] <= r[metric]["p99"]
         assert r["itl_ms"]["p99"] <= r["itl_ms"]["max"]
         assert 0 <= r["goodput_req_s"] <= r["achieved_req_s"]
