@@ -636,7 +636,12 @@ def offline_summary(requests: list[Request], parts: list[dict]) -> dict:
     input_tokens, output_tokens = sum(len(r.prompt) for r in requests), sum(r.output_len for r in requests)
     return dict(requests=len(requests), input_tokens=input_tokens, output_tokens=output_tokens, seconds=seconds,
                 output_tok_s=output_tokens / seconds, total_tok_s=(input_tokens + output_tokens) / seconds,
-                workers=[{k: v for k, v in p.items() if k not in ("token_times", "token_workers", "added")} for p in parts])
+                workers=worker_counters(parts))
+
+
+def worker_counters(parts: list[dict]) -> list[dict]:
+    """Each process's counters, without its per-request data (summarized per request instead)."""
+    return [{k: v for k, v in p.items() if k not in ("token_times", "token_workers", "added")} for p in parts]
 
 
 def online_summary(requests: list[Request], parts: list[dict], args) -> dict:
@@ -666,7 +671,7 @@ def online_summary(requests: list[Request], parts: list[dict], args) -> dict:
                 itl_tail=itl_tail(gaps, causes),
                 slo_met=len(good), goodput_req_s=len(good) / seconds, achieved_req_s=len(requests) / seconds,
                 output_tok_s=sum(q["tokens"] for q in per_request) / seconds,
-                workers=[{k: v for k, v in p.items() if k not in ("token_times", "token_workers", "added")} for p in parts],
+                workers=worker_counters(parts),
                 per_request=per_request)
 
 
