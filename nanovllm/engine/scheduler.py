@@ -326,9 +326,8 @@ class Scheduler:
     def _place(self, seq: Sequence):
         """A prompt is done: decode where the policy says, here or (after a KV copy) on another worker."""
         seq.status = SequenceStatus.DECODING
+        destination = self.policy.place(seq)  # before it counts anywhere: the policy adds it where it goes
         self.decoding[seq.worker].append(seq)
-        self.policy.changed()  # its tokens now count where it is: loads kept from before would leave them out
-        destination = self.policy.place(seq)
         if destination != seq.worker and seq.migration is None:
             self.move(seq, destination)
 
@@ -549,8 +548,7 @@ class AdaptivePD(SingleDevice):
         return bool(s.waiting or s.prefilling[self.prefill_worker])
 
     def place(self, seq: Sequence) -> int:
-        loads = self.loads()
-        loads[seq.worker] -= seq.num_tokens  # counted there while deciding
+        loads = self.loads()  # without `seq`, which is in no worker's queue yet
         target = min(range(len(loads)), key=lambda w: (loads[w], -w))
         if self.has_prompt_work():  # worker 0's decodes would wait on its prompt chunks: elsewhere if there is room
             target = next((w for w in range(len(loads)) if w != self.prefill_worker and self.has_room(w, seq)), target)
