@@ -3,7 +3,7 @@
     python benchmarks/prompt_step_host.py /path/to/checkpoint     # e.g. a random Qwen3-0.6B (bench.py makes one)
 
 Runs 96 prompts of 800-2000 tokens (48 output tokens each) and reports, for the steps that carry prompt tokens:
-the host time of the launch; for steps 2 and 6, with the GPU idle before (synchronized), the launch's host time and
+the host time of the launch; for step 6, with the GPU idle before (synchronized), the launch's host time and
 the time until the GPU is done: equal times mean the GPU waited on the host for the whole step. Step 3 runs under
 PyTorch's sync debug mode (a warning with its stack for each synchronizing call it detects), steps 4 and 5 under
 cProfile (functions by own time), and step 7 under torch.profiler (operators by their own host time, CUDA API calls
@@ -11,8 +11,8 @@ included). Steps 1 (prompt tokens only) and 8 (a chunk beside decodes), and the 
 more sequences (a CUDA graph), also run under torch.profiler with the CUDA activity, the GPU idle before: their
 kernels' GPU time by kind (matmul, attention, Triton, other) against the step's span on the GPU, and the matmuls'
 TFLOP/s and weight bandwidth; so whether a step is host- or GPU-bound, which kernels hold a GPU-bound one, and how
-much of a decode graph's span is gaps between its small kernels. A diagnostic, not a benchmark: the profilers inflate the host times they report (cProfile most, for
-Python-heavy calls).
+much of a decode graph's span is gaps between its small kernels. A diagnostic, not a benchmark: the profilers
+inflate the host times they report (cProfile most, for Python-heavy calls).
 """
 import cProfile, io, pstats, random, sys, time, traceback, warnings
 import torch
@@ -33,9 +33,8 @@ def show(message, category, filename, lineno, file=None, line=None):
     print("".join(traceback.format_stack(limit=12)[:-1]))
 
 
-# Matmul weights per token (the layers' projections; the lm_head runs on the sampled rows only).
-MATMUL_PARAMS = sum(p.numel() for name, p in runner.model.named_parameters() if name.endswith("proj.weight"))
-KV_BYTES_PER_TOKEN = model_sizes(engine.config.hf_config, itemsize=2)[1]
+# Matmul weights per token (the layers' projections; the lm_head runs on the sampled rows only) and KV bytes.
+MATMUL_PARAMS, KV_BYTES_PER_TOKEN = model_sizes(engine.config.hf_config, itemsize=2)
 
 
 def kernel_kind(name: str) -> str:

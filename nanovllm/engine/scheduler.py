@@ -324,7 +324,8 @@ class Scheduler:
                 bm.cache_blocks(seq, end)
 
     def _place(self, seq: Sequence):
-        """A prompt is done: decode where the policy says, here or (after a KV copy) on another worker."""
+        """A prompt's last chunk is in the step being planned: decode where the policy says, here or (after a KV
+        copy) on another worker."""
         seq.status = SequenceStatus.DECODING
         destination = self.policy.place(seq)  # before it counts anywhere: the policy adds it where it goes
         self.decoding[seq.worker].append(seq)
@@ -431,7 +432,7 @@ class SingleDevice:
         pass
 
     def place(self, seq: Sequence) -> int:
-        """The worker on which a sequence whose prompt is done decodes."""
+        """The worker on which a sequence decodes, decided when its prompt's last chunk is planned."""
         return seq.worker
 
     def note_step(self, batch: Batch):
