@@ -289,10 +289,11 @@ def test_a_one_token_request_is_not_decoded_past_its_prompt_step():
     assert q.finish_reason == "length" and q.completion_token_ids == [11] and s.is_finished()
 
 
-def test_in_pd_a_completed_prompt_decodes_next_step_where_it_stays_and_moves_only_with_its_token_known():
+def test_in_pd_a_completed_prompt_decodes_next_step_where_it_stays_and_its_copy_starts_at_once():
     """Adaptive PD: a prompt worker 1 started (under a backlog) decodes on worker 1 from its next step on, reading
-    its first token PENDING; one placed on the other worker is not decoded where it is, and its KV copy waits for
-    that token."""
+    its first token PENDING. One placed on the other worker starts its KV copy at once, the copy waiting on the
+    device for the step that computes the prompt; on its new worker it sits out until that token is known (it is
+    in the old worker's output), and it is never decoded on the old one."""
     s = pd_scheduler()
     seqs = [make(30) for _ in range(7)]
     for q in seqs:
@@ -301,12 +302,45 @@ def test_in_pd_a_completed_prompt_decodes_next_step_where_it_stays_and_moves_onl
     assert on_0.sampled == seqs[:2] and [q.migration[0] for q in seqs[:2]] == [1, 1]
     on_1 = s.schedule(1)  # 146 tokens wait for worker 0: a backlog, so worker 1 starts prompts, while one remains
     assert on_1.sampled == seqs[3:5] and [q.worker for q in seqs[3:5]] == [1, 1]
-    assert s.start_migrations() == []  # the moving prompts' first tokens are still PENDING
-    assert [q for q, _, _ in s.schedule(0).decodes] == []  # nor are they decoded on worker 0 meanwhile
+    assert [q for q, _ in s.start_migrations()] == seqs[:2]  # tokens still PENDING
+    assert s.copy_after(seqs[:2]) == on_0.number  # the copy waits for the prompts' step on the device
+    assert [q for q, _, _ in s.schedule(0).decodes] == []  # in transit: not decoded on worker 0
+    for q in seqs[:2]:
+        s.finish_migration(q)  # the copies were done before worker 0's tokens were read
     next_on_1 = s.schedule(1)
-    assert [(q, row) for q, _, row in next_on_1.decodes] == [(seqs[3], 0), (seqs[4], 1)]
+    assert [(q, row) for q, _, row in next_on_1.decodes] == [(seqs[3], 0), (seqs[4], 1)]  # the moved ones wait
     s.apply_results(on_0, s.check_results(on_0, [5, 6]))
-    assert [q for q, _ in s.start_migrations()] == seqs[:2]  # tokens known: their copies start
+    assert [q.completion_token_ids for q in seqs[:2]] == [[5], [6]]
+    assert [(q, row) for q, _, row in s.schedule(1).decodes if q in seqs[:2]] == [(seqs[0], -1), (seqs[1], -1)]
+
+
+def test_a_sequence_that_ends_while_its_copy_is_in_flight_keeps_its_blocks_until_the_copy_is_done():
+    s = pd_scheduler(eos_token_ids=(99,), pd_policy="static")  # every sequence moves
+    a, b = (Sequence([next(PROMPT_TOKEN)] * 8, SamplingParams(temperature=0, max_tokens=100), 4) for _ in range(2))
+    s.add(a)
+    s.add(b)
+    step_0 = s.schedule(0)
+    assert [q for q, _ in s.start_migrations()] == [a, b]
+    free = [bm.num_free_blocks for bm in s.block_managers]
+    s.apply_results(step_0, s.check_results(step_0, [99, 5]))  # a's first token is EOS
+    assert a.finish_reason == "stop" and a in s.migrating  # the copy still writes worker 1's blocks
+    assert [bm.num_free_blocks for bm in s.block_managers] == free
+    s.finish_migration(a)
+    s.finish_migration(b)
+    assert a not in s.migrating and s.block_managers[0].num_free_blocks == 100
+    assert s.block_managers[1].num_free_blocks == 100 - b.num_blocks
+    assert b.worker == 1 and b.completion_token_ids == [5]
+
+
+def test_a_one_token_request_is_not_copied():
+    s = pd_scheduler(pd_policy="static")
+    q = make(8, max_tokens=1)
+    s.add(q)
+    prompt = s.schedule(0)
+    assert s.start_migrations() == []  # its pending token ends it: a copy would be wasted
+    s.apply_results(prompt, s.check_results(prompt, [5]))
+    assert q.finish_reason == "length" and s.is_finished()
+    assert [bm.num_free_blocks for bm in s.block_managers] == [100, 100]
 
 
 def test_adaptive_pd_keeps_its_load_figures_exact_while_it_places_prompts():

@@ -12,6 +12,7 @@ import time
 import weakref
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -299,26 +300,33 @@ class LLMEngine:
             first = len(self.transfers)
             self.transfers += [(None, seqs) for seqs, _ in routes.values()]  # known before they start, for rollback
         for i, ((src, dst), (seqs, pairs)) in enumerate(routes.items(), start=first):
-            transfer = self._copy(src, dst, pairs)
+            transfer = self._copy(src, dst, pairs, self.scheduler.copy_after(seqs))
             self.transfers[i] = (transfer, seqs)
             self.stats["kv_bytes"] += transfer.nbytes
             self.stats["kv_copies"] += transfer.num_copies
 
-    def _copy(self, src_id: int, dst_id: int, pairs: list[tuple[int, int]]) -> KVTransfer:
+    def _copy(self, src_id: int, dst_id: int, pairs: list[tuple[int, int]], after_step: int) -> KVTransfer:
+        """Start copying blocks `pairs` from worker src_id to dst_id once source step `after_step` (0: none) has
+        written them. (On the CPU a launch runs its whole step, so the KV is written already.)"""
         src, dst = self.runners[src_id], self.runners[dst_id]
         if not src.is_cuda:
             return KVTransfer(src.kv_cache, dst.kv_cache, pairs)
-        # The source copy waits for what is queued on the source's compute stream: the KV being written there.
-        # The destination copy waits only for the steps in flight that may still write its (recycled) blocks,
-        # not for every step queued there: with a deep queue that would hold the copy back several steps.
-        src.copy_stream.wait_stream(torch.cuda.current_stream(src.device))
+        # Each side waits only for the steps that write the blocks it copies, not for every step queued there:
+        # the source's next prompt step (tens of ms) or a deep decode queue would hold the copy back. On the
+        # source that is the step computing the sequences' pending tokens; on the destination, the steps that may
+        # still write its (recycled) blocks.
+        self._wait_for_step(src.copy_stream, src_id, lambda number: number == after_step)
         last_step = self.scheduler.block_managers[dst_id].last_step_writing([d for _, d in pairs])
-        writers = [pending for batch, pending in self.workers[dst_id].in_flight
-                   if batch.number <= last_step and pending is not None]
-        if writers:
-            dst.copy_stream.wait_event(writers[-1].event)
+        self._wait_for_step(dst.copy_stream, dst_id, lambda number: number <= last_step)
         return KVTransfer(src.kv_cache, dst.kv_cache, pairs, (src.copy_stream, dst.copy_stream),
                           via_host=self.config.kv_via_host)
+
+    def _wait_for_step(self, stream: torch.cuda.Stream, worker_id: int, writes: Callable[[int], bool]):
+        """Make `stream` wait for the latest step in flight on the worker whose number `writes` accepts."""
+        writers = [pending for batch, pending in self.workers[worker_id].in_flight
+                   if writes(batch.number) and pending is not None]
+        if writers:
+            stream.wait_event(writers[-1].event)
 
     def _retire_transfer(self, transfer: tuple[KVTransfer, list[Sequence]]):
         kv_transfer, seqs = transfer

@@ -307,7 +307,8 @@ class Scheduler:
             if reason is not None:
                 if stop is not None and stop.cut is not None:
                     seq.text = stop.text[:stop.cut]
-                self._leave(seq)
+                if seq.status != SequenceStatus.MIGRATING:  # in transit: its blocks go when the copy is retired
+                    self._leave(seq)
                 self._finish(seq, reason)
         self.policy.note_step(batch)
 
@@ -344,11 +345,13 @@ class Scheduler:
         self.policy.changed()
 
     def start_migrations(self) -> list[tuple[Sequence, list[tuple[int, int]]]]:
-        """Sequences whose KV copy can start now, with their (source block, destination block) pairs."""
+        """Sequences whose KV copy can start now, with their (source block, destination block) pairs. A copy
+        may start while the sequence's last token is PENDING: the step computing it is launched, and the copy
+        waits for that step on the device (`copy_after`). Not one whose pending token certainly ends it."""
         self.policy.rebalance()
         started = []
         for queue in self.decoding:
-            for seq in [s for s in queue if s.migration is not None and s.num_pending == 0]:
+            for seq in [s for s in queue if s.migration is not None and not self._will_finish(s)]:
                 destination, blocks = seq.migration
                 bm = self.block_managers[destination]
                 missing = seq.num_blocks - len(blocks)  # all of it, or growth since blocks were reserved at admission
@@ -365,6 +368,12 @@ class Scheduler:
                 started.append((seq, list(zip(seq.block_table, blocks))))
         return started
 
+    @staticmethod
+    def copy_after(seqs: list[Sequence]) -> int:
+        """The source worker's step a copy of these sequences' KV waits for: the latest that computes a token of
+        theirs still PENDING (it writes their KV), or 0: all their tokens are known, so their KV is written."""
+        return max((seq.sampled_batch for seq in seqs if seq.num_pending), default=0)
+
     def finish_migration(self, seq: Sequence):
         """Its KV is on the destination: free the source blocks and decode there (or drop it if aborted)."""
         self.migrating.remove(seq)
@@ -375,6 +384,7 @@ class Scheduler:
             self.block_managers[destination].free_blocks(blocks)
             return
         seq.worker, seq.block_table, seq.num_hashed_blocks = destination, blocks, 0
+        seq.sampled_batch = -1  # a PENDING token here is in the old worker's output: known first, then decoded
         seq.status = SequenceStatus.DECODING
         self.decoding[destination].append(seq)
         self.policy.changed()
