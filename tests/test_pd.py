@@ -2,11 +2,15 @@
 
 Single-device runs, the reference here, are on the CPU in fp32 too, so tokens must match exactly.
 """
+import types
+from collections import deque
+
 import pytest
 import torch
 
 from conftest import hf_greedy, random_prompts
 from nanovllm import LLM, SamplingParams
+from nanovllm.engine import llm_engine
 from nanovllm.engine.kv_transfer import KVTransfer
 
 GREEDY = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
@@ -237,3 +241,35 @@ def test_the_worker_with_the_deeper_queue_launches_first(qwen3_path, monkeypatch
     assert [o["token_ids"] for o in outputs] == [o["token_ids"] for o in single]
     both = [order for order in launches if len(set(order)) == 2]
     assert both and all(order[0] == deeper for order in both)
+
+
+def test_a_kv_copy_waits_only_for_the_steps_that_write_its_blocks(qwen3_path, monkeypatch):
+    """On CUDA each side of a copy waits on the device for the steps in flight that write the blocks it copies:
+    on the source, the step computing the moving sequences' pending tokens (none once their tokens are known),
+    not the next steps queued there; on the destination, those that may still write its recycled blocks. Here
+    with stand-in streams and steps, since the ordering only exists on GPUs."""
+    class Stream:
+        def __init__(self):
+            self.waited = []
+
+        def wait_event(self, event):
+            self.waited.append(event)
+
+    pd = LLM(qwen3_path, **PD, num_kv_cache_blocks=32, num_prefill_kv_cache_blocks=32)
+    src, dst = pd.prefill_runner, pd.decode_runner
+    for runner in (src, dst):
+        monkeypatch.setattr(runner, "is_cuda", True)
+        runner.copy_stream = Stream()
+    monkeypatch.setattr(llm_engine, "KVTransfer", lambda *args, **kwargs: None)
+
+    def steps(*numbers):
+        return deque((types.SimpleNamespace(number=n), types.SimpleNamespace(event=f"step {n}")) for n in numbers)
+
+    pd.workers[0].in_flight, pd.workers[1].in_flight = steps(4, 5), steps(7, 8, 9)
+    monkeypatch.setattr(pd.scheduler.block_managers[1], "last_step_writing", lambda blocks: 8)
+    pd._copy(0, 1, [(0, 0)], after_step=4)
+    assert src.copy_stream.waited == ["step 4"]  # not step 5, queued after it
+    assert dst.copy_stream.waited == ["step 8"]  # the latest that may write the blocks, not step 9
+    src.copy_stream.waited.clear()
+    pd._copy(0, 1, [(0, 0)], after_step=0)  # tokens known: the KV is written
+    assert src.copy_stream.waited == []
