@@ -61,9 +61,9 @@ from multiprocessing.connection import wait
 MODES = ("single", "dp", "pd", "pd-static", "tp", "hf")
 SIBLING_FAILED = "stopped: another process of this mode failed"
 # Engine options bench.py sets itself, from its own flags or per mode: an --option for one would clash or be ignored.
-OWN_OPTIONS = {"max_model_len": "--max-model-len", "enforce_eager": "--enforce-eager", "tensor_parallel_size": "--tp-size",
-               "device": "--device and --modes", "enable_two_gpu_pd": "--modes", "prefill_device_id": "--modes",
-               "decode_device_id": "--modes"}
+OWN_OPTIONS = {"max_model_len": "--max-model-len", "enforce_eager": "--enforce-eager",
+               "tensor_parallel_size": "--tp-size", "device": "--device and --modes", "enable_two_gpu_pd": "--modes",
+               "prefill_device_id": "--modes", "decode_device_id": "--modes"}
 
 
 class BadArgument(Exception):
@@ -105,7 +105,8 @@ def parse_args(argv=None):
                    help="an engine option (Config field) for the nanovllm modes, e.g. pd_policy=static; repeatable")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--profile", type=int, default=0, metavar="STEP",
-                   help="profile 10 engine steps from this one; print the top ops by GPU and by host time (slows that run)")
+                   help="profile 10 engine steps from this one; print the top ops by GPU and by host time "
+                        "(slows that run)")
     args = p.parse_args(argv)
     for name in ("input_len", "output_len"):
         low, high = getattr(args, name)
@@ -783,8 +784,8 @@ def print_offline(report: dict):
           f"for the {r['output_tokens']} output tokens of the full workload")
     if any(res["mode"] == "hf" for res in report["results"]):
         h = report["hf_roofline"]
-        print(f"hf, on the first requests only: bound {h['bound_s']:.2f} s = {h['bound_output_tok_s']:.0f} output tok/s "
-              f"for their {h['output_tokens']} output tokens")
+        print(f"hf, on the first requests only: bound {h['bound_s']:.2f} s = "
+              f"{h['bound_output_tok_s']:.0f} output tok/s for their {h['output_tokens']} output tokens")
     print()
     header = f"{'mode':<10}{'reqs':>6}{'in tok':>9}{'out tok':>9}{'time s':>9}{'out tok/s':>11}{'tot tok/s':>11}" \
              f"{'of bound':>10}  peak mem GiB"

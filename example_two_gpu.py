@@ -85,7 +85,8 @@ def main():
     parser.add_argument("--max-tokens", type=positive_int, default=64, help="tokens per completion at most")
     args = parser.parse_args()
     if args.model and not os.path.isfile(os.path.join(args.model, "config.json")):  # before any model loads
-        parser.error(f"--model {args.model}: no config.json there (expected a Hugging Face-format checkpoint directory)")
+        parser.error(f"--model {args.model}: no config.json there "
+                     "(expected a Hugging Face-format checkpoint directory)")
     model, warning = (args.model, None) if args.model else default_model()
     llm = LLM(model, max_model_len=1024, **engine_options())
     tokenizer = llm.tokenizer

@@ -104,7 +104,8 @@ def test_pd_matches_single_gpu_bf16(qwen3_06b, single_gpu_bf16, policy):
     assert devices == [torch.device("cuda:0"), torch.device("cuda:1")]
     matched = sum(next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), len(x)) for x, y in zip(pd, single))
     gaps = near_tie_gaps(qwen3_06b, batch, pd, single)
-    print(f"\nbf16 PD ({policy}) vs single: {sum(x == y for x, y in zip(pd, single))}/{len(batch)} sequences identical, "
+    identical = sum(x == y for x, y in zip(pd, single))
+    print(f"\nbf16 PD ({policy}) vs single: {identical}/{len(batch)} sequences identical, "
           f"{matched}/{sum(map(len, pd))} tokens before the first divergence; logit gaps there: "
           f"{[round(g, 4) for g in gaps]}")
     assert all(g <= 0.1 for g in gaps)

@@ -68,7 +68,8 @@ def allocator_counts(runner) -> dict:
         return {}
     import torch
     stats = torch.cuda.memory_stats(runner.device)
-    return {k: stats.get(k, 0) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")}
+    keys = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")
+    return {k: stats.get(k, 0) for k in keys}
 
 
 @contextlib.contextmanager
@@ -149,7 +150,8 @@ def main():
     bench._synchronize([str(runner.device)])
     summary = summarize(records, hf, setup["ceilings"]["copy_gb_s"], wall_s)
     summary["allocator"] = {k: v - before[k] for k, v in allocator_counts(runner).items()}
-    summary["gc"] = {f"generation {g}": dict(collections=c, total_ms=t, longest_ms=m) for g, (c, t, m) in sorted(pauses.items())}
+    summary["gc"] = {f"generation {g}": dict(collections=c, total_ms=t, longest_ms=m)
+                     for g, (c, t, m) in sorted(pauses.items())}
     summary.update(options=args.option, ceilings=setup["ceilings"], roofline=setup["roofline"],
                    gpu=torch.cuda.get_device_name(runner.device) if runner.is_cuda else "cpu",
                    output_tok_s=setup["roofline"]["output_tokens"] / wall_s)
@@ -166,8 +168,9 @@ def main():
     print("during the run, the caching allocator's", ", ".join(f"{k}: {v}" for k, v in summary["allocator"].items()))
     if summary["longest_gap"]:
         print(f"longest idle gap: {summary['longest_gap']['ms']:.1f} ms, before step {summary['longest_gap']['step']}")
-    print("Python's cycle collector:", "; ".join(f"{g}: {v['collections']} collections, {v['total_ms']:.1f} ms, "
-                                                f"longest {v['longest_ms']:.1f} ms" for g, v in summary["gc"].items()) or "no collections")
+    collections = "; ".join(f"{g}: {v['collections']} collections, {v['total_ms']:.1f} ms, "
+                            f"longest {v['longest_ms']:.1f} ms" for g, v in summary["gc"].items())
+    print("Python's cycle collector:", collections or "no collections")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(summary=summary, steps=records), f)

@@ -34,7 +34,8 @@ class Config:
     tensor_parallel_size: int = 1  # > 1: one process per rank, rank r on GPU device+r (all on the CPU: gloo)
     device: int | str | torch.device | None = None  # "cuda", "cuda:N", "cpu" or a GPU index; default cuda if any
     dtype: str | torch.dtype | None = None  # default bfloat16 on CUDA, float32 on CPU
-    chunked_prefill_tokens: int = 8192  # a step's tokens (decodes + prompt chunks) while decodes run; 0: prefill steps run alone
+    # a step's tokens (decodes + prompt chunks) while decodes run; 0: prefill steps run alone
+    chunked_prefill_tokens: int = 8192
     enable_two_gpu_pd: bool = False
     prefill_device_id: int | str | torch.device = 0
     decode_device_id: int | str | torch.device = 1
@@ -171,7 +172,8 @@ class Config:
         if tp == 1:
             return
         kv_heads = kv_heads_of(hf)
-        for name, value in (("num_attention_heads", hf.num_attention_heads), ("intermediate_size", hf.intermediate_size),
+        for name, value in (("num_attention_heads", hf.num_attention_heads),
+                            ("intermediate_size", hf.intermediate_size),
                             ("vocab_size", hf.vocab_size)):
             if value % tp:
                 raise ValueError(f"tensor_parallel_size={tp} must divide the model's {name} ({value})")

@@ -1,8 +1,8 @@
 """Triton KV-cache kernels against naive torch references.
 
 Device and dtype: whatever GPU is here (cuda:0), else the CPU through Triton's interpreter (conftest sets
-TRITON_INTERPRET); fp32 on both, with fp16 and bf16 in the half-precision test. Caches are block-major like the engine's, so every per-layer view is
-strided, and block tables are shuffled so that logical and physical order differ.
+TRITON_INTERPRET); fp32 on both, with fp16 and bf16 in the half-precision test. Caches are block-major like the
+engine's, so every per-layer view is strided, and block tables are shuffled so that logical and physical order differ.
 """
 import pytest
 import torch

@@ -217,10 +217,13 @@ class ModelRunner:
                 context_rows.append(np.zeros((2, pad), dtype=np.int64))
         return dict(input_ids=np.asarray(input_ids, dtype=np.int64), positions=_concat(positions),
                     slot_mapping=_concat(slot_mapping), cu_seqlens_q=np.asarray(cu_seqlens_q),
-                    cu_seqlens_k=np.asarray(cu_seqlens_k), max_seqlen_q=max(pad, max(end - start for _, start, end in chunks)),
-                    max_seqlen_k=max(pad, max(end for _, _, end in chunks)), last_tokens=np.asarray(cu_seqlens_q)[1:][sampling] - 1,
+                    cu_seqlens_k=np.asarray(cu_seqlens_k),
+                    max_seqlen_q=max(pad, max(end - start for _, start, end in chunks)),
+                    max_seqlen_k=max(pad, max(end for _, _, end in chunks)),
+                    last_tokens=np.asarray(cu_seqlens_q)[1:][sampling] - 1,
                     context_rows=np.concatenate(context_rows, axis=1) if has_context else None,
-                    block_tables=_block_tables([seq for seq, _, _ in chunks], pad_rows=pad > 0) if has_context else None)
+                    block_tables=(_block_tables([seq for seq, _, _ in chunks], pad_rows=pad > 0)
+                                  if has_context else None))
 
     def _rows(self, seq: Sequence, start: int, end: int) -> np.ndarray:
         """[2, end - start]: the cache block and the offset in it of tokens [start, end) of `seq`."""
@@ -348,7 +351,8 @@ class ModelRunner:
                       block_tables=v["block_tables"][:bs])
         return v["input_ids"][:bs], v["positions"][:bs], ctx
 
-    def replay_graph(self, graphs: dict, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Context) -> torch.Tensor:
+    def replay_graph(self, graphs: dict, input_ids: torch.Tensor, positions: torch.Tensor,
+                     ctx: Context) -> torch.Tensor:
         """Run the smallest of `graphs` that fits the batch, on the current stream; rows past it are padding."""
         bs = input_ids.size(0)
         graph_bs = min(size for size in graphs if size >= bs)

@@ -369,7 +369,8 @@ class StepCost:
     cost model of the adaptive PD policy."""
 
     def __init__(self, hf, dtype: torch.dtype):
-        from nanovllm.engine.scheduler import MATMUL_PER_BYTE, model_sizes  # scheduler imports config, which imports this
+        # imported here: the scheduler imports config, which imports this module
+        from nanovllm.engine.scheduler import MATMUL_PER_BYTE, model_sizes
         from nanovllm.models.decoder import head_dim_of
         self.matmul_per_byte = MATMUL_PER_BYTE
         self.params, self.kv_bytes_per_token = model_sizes(hf, dtype.itemsize)

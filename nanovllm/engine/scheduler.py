@@ -32,7 +32,8 @@ class Batch:
     worker: int
     decodes: list[tuple[Sequence, int, int]] = field(default_factory=list)  # (seq, end, row): the KV of token end - 1,
     #                          whose id is PENDING in row `row` of the worker's previous step output (-1: known)
-    prefills: list[tuple[Sequence, int, int]] = field(default_factory=list)  # (seq, start, end): KV of tokens [start, end)
+    # (seq, start, end): the step computes the KV of tokens [start, end)
+    prefills: list[tuple[Sequence, int, int]] = field(default_factory=list)
     sampled: list[Sequence] = field(default_factory=list)  # decodes first, then the prompts this step completes
     epochs: dict[int, int] = field(default_factory=dict)  # seq_id -> epoch at launch: a reset since makes it stale
     resets: int = 0  # the scheduler's reset count at launch: unchanged at commit, no sequence can be stale

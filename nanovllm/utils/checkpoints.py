@@ -103,9 +103,9 @@ def make_random_checkpoint(path: str, preset: str = "qwen3-tiny", seed: int = 0,
 def write_random_weights(path: str, shapes: dict[str, torch.Size], dtype: torch.dtype, seed: int = 0,
                          std: float = 0.02, chunk: int = 1 << 24):
     """Random tensors of the given names and shapes as safetensors shards of about SHARD_BYTES (with
-    transformers' index when there are several), initialized like transformers: matrices normal(0, std), norm weights ones, biases
-    zeros. Each chunk of `chunk` values has its own generator, so threads fill them in parallel and the
-    result depends only on `seed`."""
+    transformers' index when there are several), initialized like transformers: matrices normal(0, std), norm
+    weights ones, biases zeros. Each chunk of `chunk` values has its own generator, so threads fill them in
+    parallel and the result depends only on `seed`."""
     from safetensors.torch import save_file
     shards, size = [[]], 0
     for name, shape in shapes.items():
@@ -132,7 +132,8 @@ def write_random_weights(path: str, shapes: dict[str, torch.Size], dtype: torch.
     with ThreadPoolExecutor(os.cpu_count()) as pool:
         for file, shard in zip(files, shards):
             tensors = {name: torch.empty(shapes[name], dtype=dtype) for name in shard}
-            jobs = [(name, i, values) for name, t in tensors.items() for i, values in enumerate(t.view(-1).split(chunk))]
+            jobs = [(name, i, values) for name, t in tensors.items()
+                    for i, values in enumerate(t.view(-1).split(chunk))]
             list(pool.map(fill, jobs))
             save_file(tensors, os.path.join(path, file), metadata={"format": "pt"})
     if len(files) > 1:

@@ -6,7 +6,10 @@ import torch
 
 def to_device(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A host list or numpy array as a tensor on `device`; on CUDA through pinned memory, without blocking."""
-    tensor = torch.from_numpy(np.asarray(data)).to(dtype) if isinstance(data, np.ndarray) else torch.tensor(data, dtype=dtype)
+    if isinstance(data, np.ndarray):
+        tensor = torch.from_numpy(data).to(dtype)
+    else:
+        tensor = torch.tensor(data, dtype=dtype)
     if device.type != "cuda":
         return tensor
     return tensor.pin_memory().to(device, non_blocking=True)
