@@ -359,8 +359,8 @@ def reset_counters(llm):
     for block_manager in _block_managers(llm):
         block_manager.peak_used_blocks = 0
     for worker in llm.workers:
-        worker.prompt_tokens = 0
-    llm.stats.update(kv_bytes=0, kv_copies=0, kv_seconds=0.0)
+        worker.prompt_tokens, worker.launch_seconds, worker.longest_launch = 0, 0.0, 0.0
+    llm.stats.update(kv_bytes=0, kv_copies=0, kv_seconds=0.0, wait_seconds=0.0)
     llm.scheduler.num_preemptions = llm.scheduler.num_backpressure_stalls = llm.scheduler.num_migrations = 0
 
 
@@ -372,6 +372,9 @@ def counters(llm, seconds: float) -> dict:
         names = [f"{name} #{i}" for i, name in enumerate(names)]
     result = dict(seconds=seconds, kv_capacity_tokens={n: r.kv_capacity_tokens for n, r in zip(names, runners)},
                   busy_fraction={n: r.busy_seconds / seconds for n, r in zip(names, runners)},
+                  host_launch_fraction={n: w.launch_seconds / seconds for n, w in zip(names, llm.workers)},
+                  longest_launch_ms={n: 1e3 * w.longest_launch for n, w in zip(names, llm.workers)},
+                  host_wait_fraction=llm.stats["wait_seconds"] / seconds,
                   preemptions=llm.scheduler.num_preemptions,
                   peak_kv_blocks_used={n: bm.peak_used_blocks for n, bm in zip(names, _block_managers(llm))})
     if llm.config.enable_two_gpu_pd:

@@ -32,6 +32,9 @@ def test_pd_matches_single_device_under_back_pressure(qwen3_path):
     assert s.block_managers[0].num_cache_hits >= 2  # the shared 40-token prefix: 2 full blocks
     assert s.block_managers[1].num_free_blocks == 20 and s.block_managers[0].num_free_blocks == 40
     assert pd.stats["kv_copies"] > 0 and pd.stats["kv_bytes"] > 0
+    for worker in pd.workers:  # host time per worker; on the CPU a launch computes its step, so it covers it
+        assert 0 < worker.longest_launch <= worker.launch_seconds
+        assert worker.runner.busy_seconds <= worker.launch_seconds
 
 
 def test_pd_matches_transformers_and_keeps_caches_separate(llama_path):

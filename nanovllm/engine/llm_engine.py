@@ -56,6 +56,12 @@ class Worker:
     runner: ModelRunner
     in_flight: deque  # of (Batch, PendingTokens | None), oldest first
     prompt_tokens: int = 0  # prompt tokens computed here, in committed steps (PD: which GPU prefills)
+    launch_seconds: float = 0.0  # host time spent launching steps here (in PD one thread launches for both GPUs)
+    longest_launch: float = 0.0  # seconds: a launch that long held the engine's thread, and every other GPU
+
+    def note_launch(self, seconds: float):
+        self.launch_seconds += seconds
+        self.longest_launch = max(self.longest_launch, seconds)
 
 
 class LLMEngine:
@@ -80,7 +86,8 @@ class LLMEngine:
         # steps committed during a step() call that then raised (the next call returns them).
         self.undelivered: list[StepOutput] = []
         self.transfers: list[tuple[KVTransfer, list[Sequence]]] = []
-        self.stats = dict(prefill_tokens=0, decode_tokens=0, kv_bytes=0, kv_copies=0, kv_seconds=0.0)
+        # wait_seconds: host time blocked until a step or copy was done (the rest of step() is the host's work)
+        self.stats = dict(prefill_tokens=0, decode_tokens=0, kv_bytes=0, kv_copies=0, kv_seconds=0.0, wait_seconds=0.0)
 
     def init_config(self, model: str, kwargs: dict):
         # Fields that are not init arguments (eos_token_ids, kv_via_host) are the engine's to set, as is hf_config.
@@ -241,14 +248,18 @@ class LLMEngine:
                     if not batch:
                         break
                     worker.in_flight.append([batch, None])  # known before launch, so a failure there rolls it back
+                start = time.perf_counter()
                 worker.in_flight[-1][1] = worker.runner.launch(batch)
+                worker.note_launch(time.perf_counter() - start)
                 launched = True
         return launched
 
     def _collect(self) -> bool:
         """Wait until a step or copy in flight is done, then commit every one that is."""
         if not self._any_done():
+            start = time.perf_counter()
             self._wait_any()
+            self.stats["wait_seconds"] += time.perf_counter() - start
         collected = False
         for transfer in [t for t in self.transfers if t[0].done()]:
             self._retire_transfer(transfer)
