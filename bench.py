@@ -694,14 +694,14 @@ def gap_causes(workers: list[int]) -> list[str]:
 
 
 def itl_tail(gaps: list[float], causes: list[str]) -> dict:
-    """Where the inter-token gaps above the p99 come from, by cause (`gap_causes`)."""
+    """Where the inter-token gaps above the p99 come from, by cause (`gap_causes`), with each cause's median and
+    longest gap in ms (a move's hand-over, say, against a decode step's)."""
     p99 = percentile(gaps, 99)
-    tail = {}
+    by_cause = {}
     for gap, cause in zip(gaps, causes):
-        counts = tail.setdefault(cause, dict(gaps=0, over_p99=0))
-        counts["gaps"] += 1
-        counts["over_p99"] += gap > p99
-    return tail
+        by_cause.setdefault(cause, []).append(gap)
+    return {cause: dict(gaps=len(own), over_p99=sum(g > p99 for g in own), p50_ms=1e3 * percentile(own, 50),
+                        max_ms=1e3 * max(own)) for cause, own in by_cause.items()}
 
 
 def _percentiles(values: list[float]) -> dict:
@@ -828,7 +828,8 @@ def print_online(report: dict):
             tail = res.get("itl_tail", {})
             if len(tail) > 1:  # more than one worker or cause: say which the tail came from
                 print(f"{_label(res, report)}: gaps over the inter-token p99, by cause: " + ", ".join(
-                    f"{cause} {c['over_p99']} of {c['gaps']}" for cause, c in sorted(tail.items())))
+                    f"{cause} {c['over_p99']} of {c['gaps']} (p50 {c['p50_ms']:.1f}, max {c['max_ms']:.1f} ms)"
+                    for cause, c in sorted(tail.items())))
 
 
 def _label(res: dict, report: dict) -> str:

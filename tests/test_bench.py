@@ -124,8 +124,9 @@ def test_the_inter_token_tail_is_split_by_cause():
     gaps = [0.001] * 98 + [0.050, 0.040]  # p99 lies between the two largest
     causes = ["worker 1"] * 98 + ["moved", "worker 0"]
     tail = bench.itl_tail(gaps, causes)
-    assert tail == {"worker 1": dict(gaps=98, over_p99=0), "moved": dict(gaps=1, over_p99=1),
-                    "worker 0": dict(gaps=1, over_p99=0)}
+    assert tail == {"worker 1": dict(gaps=98, over_p99=0, p50_ms=1.0, max_ms=1.0),
+                    "moved": dict(gaps=1, over_p99=1, p50_ms=50.0, max_ms=50.0),
+                    "worker 0": dict(gaps=1, over_p99=0, p50_ms=40.0, max_ms=40.0)}
     assert bench.worker_runs([0, 1, 1, 1, 0, 0, 1]) == [[0, 1], [1, 3], [0, 2], [1, 1]]  # three moves
     assert bench.gap_causes([0, 1, 1, 1, 0, 0]) == ["moved", "worker 1", "worker 1", "moved", "worker 0"]
     assert bench.gap_causes([1, 1, 1]) == ["first", "worker 1"]  # prefilled and decoded on worker 1: no move
