@@ -246,6 +246,21 @@ def test_the_decode_worker_queues_more_steps_while_the_prefill_worker_has_prompt
     assert [s.pipeline_depth(w) for w in (0, 1)] == [2, 2]
 
 
+def test_the_decode_worker_queues_two_steps_while_it_has_prompt_chunks_of_its_own():
+    """A step with a prompt chunk is hundreds of eager launches: six of them queued would fill CUDA's launch queue
+    and block the one host thread that also feeds worker 0. Worker 1 keeps DEEP_QUEUE steps only while it decodes."""
+    from nanovllm.engine.scheduler import DEEP_QUEUE
+    s = pd_scheduler()
+    s.add(make(30))
+    assert s.pipeline_depth(1) == DEEP_QUEUE
+    helper = make(30)
+    s.prefilling[1].append(helper)  # a prompt worker 1 started under an earlier backlog, chunks still to compute
+    assert s.pipeline_depth(1) == 2
+    s.prefilling[1].remove(helper)
+    s.policy.prefills_on = lambda worker: True  # it would start the next waiting prompt now
+    assert s.pipeline_depth(1) == 2
+
+
 def test_a_freed_block_remembers_the_latest_step_that_may_still_write_it():
     """A sequence that stops while later steps carrying it are in flight frees blocks those steps still write.
     A KV copy into such recycled blocks must wait for those steps (and, on a deep queue, only for them)."""

@@ -460,9 +460,14 @@ class SingleDevice:
         DEEP_QUEUE while worker 0 computes prompts without a backlog: one host thread launches both GPUs, and a
         prompt step holds it ~30 ms, longer than two decode steps last, so a shallow queue runs dry. With more
         prompt tokens waiting than one step takes, worker 0 is the bottleneck and the host's time is its: prompt
-        steps are host-bound, and each decode step launched in between delays them (BENCHMARKS.md, session 22)."""
+        steps are host-bound, and each decode step launched in between delays them (BENCHMARKS.md, session 22).
+        Only while that worker has no prompt chunk of its own: its decode steps are one graph launch each, but a
+        step with a chunk is hundreds of eager launches, and a GPU queues only ~700-1,200 launches (H200, session
+        28's probe); beyond that the host blocks inside a launch until the GPU drains, and the other GPU starves."""
         s = self.scheduler
         if worker == self.prefill_worker or not (s.waiting or s.prefilling[self.prefill_worker]):
+            return 2
+        if s.prefilling[worker] or self.prefills_on(worker):
             return 2
         return DEEP_QUEUE if s.prompt_backlog(s.max_num_batched_tokens) <= s.max_num_batched_tokens else 2
 
