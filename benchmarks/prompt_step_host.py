@@ -4,7 +4,9 @@
 
 Runs 96 prompts of 800-2000 tokens (48 output tokens each) and reports, for the steps that carry prompt tokens:
 the host time of the launch; for step 6, with the GPU idle before (synchronized), the launch's host time and
-the time until the GPU is done: equal times mean the GPU waited on the host for the whole step. Step 3 runs under
+the time until the GPU is done: equal times mean the GPU waited on the host for the whole step. Steps 2 (prompt
+tokens only) and 9 (a chunk beside decodes) launch behind a ~100-200 ms spin kernel instead: a launch that then
+takes about the spin's length waited for the GPU (its launch queue full, or a sync), not for Python. Step 3 runs under
 PyTorch's sync debug mode (a warning with its stack for each synchronizing call it detects), steps 4 and 5 under
 cProfile (functions by own time), and step 7 under torch.profiler (operators by their own host time, CUDA API calls
 included). Steps 1 (prompt tokens only) and 8 (a chunk beside decodes), and the first decode-only step of 64 or
@@ -26,6 +28,11 @@ for _ in range(96):
     engine.add_request([rng.randrange(1000, 20000) for _ in range(rng.randint(800, 2000))],
                        SamplingParams(temperature=0.6, max_tokens=48, ignore_eos=True))
 launch, count, profiled_decode = runner.launch, [0], []
+SLEEP_CYCLES = 200_000_000  # a spin kernel of ~100-200 ms on an H100 or H200 (SLEEP_MS: what it took here)
+torch.cuda._sleep(SLEEP_CYCLES)  # warm-up
+start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+start.record(); torch.cuda._sleep(SLEEP_CYCLES); end.record(); end.synchronize()
+SLEEP_MS = start.elapsed_time(end)
 
 
 def show(message, category, filename, lineno, file=None, line=None):
@@ -102,6 +109,16 @@ def traced(batch):
         t = time.perf_counter(); p = launch(batch); h = time.perf_counter() - t
         torch.cuda.synchronize(); g = time.perf_counter() - t
         print(f"{what}, GPU idle before: host launch {h * 1e3:.1f} ms, launch to done {g * 1e3:.1f} ms", flush=True)
+        return p
+    if count[0] in (2, 9):
+        # The GPU kept busy ~200 ms before: a launch that then takes about as long as with the GPU idle is the
+        # host's own cost; one that takes ~200 ms waited for the GPU (a full launch queue, or a sync).
+        torch.cuda.synchronize()
+        torch.cuda._sleep(SLEEP_CYCLES)
+        t = time.perf_counter(); p = launch(batch); h = time.perf_counter() - t
+        torch.cuda.synchronize(); g = time.perf_counter() - t
+        print(f"{what}, GPU busy {SLEEP_MS:.0f} ms before: host launch {h * 1e3:.1f} ms, launch to done "
+              f"{g * 1e3:.1f} ms", flush=True)
         return p
     if count[0] == 3:
         warnings.showwarning = show
