@@ -69,7 +69,12 @@ def allocator_counts(runner) -> dict:
     import torch
     stats = torch.cuda.memory_stats(runner.device)
     keys = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")
-    return {k: stats.get(k, 0) for k in keys}
+    counts = {k: stats.get(k, 0) for k in keys}
+    # The pinned host pool (every step's inputs go through pin_memory()): a new block is a cudaHostAlloc, slow and
+    # possibly synchronizing, so a pool that keeps growing during the run would stall launches.
+    host = getattr(torch.cuda, "host_memory_stats", dict)()
+    counts.update({f"host {k}": host.get(k, 0) for k in ("num_host_alloc", "host_alloc_time.total")})
+    return counts
 
 
 @contextlib.contextmanager
