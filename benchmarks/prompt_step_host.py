@@ -104,21 +104,18 @@ def traced(batch):
     if count[0] in (1, 8):
         padded = -(-prompt_tokens // runner.prefill_token_multiple) * runner.prefill_token_multiple
         return profile_kernels(what, batch, padded + len(batch.decodes))
-    if count[0] == 6:
+    if count[0] in (2, 6, 9):
+        # Step 6 with the GPU idle before; steps 2 and 9 with it kept busy ~200 ms: a launch that then takes about
+        # as long as with the GPU idle is the host's own cost; one that takes ~200 ms waited for the GPU (a full
+        # launch queue, or a sync).
         torch.cuda.synchronize()
+        before = "GPU idle before"
+        if count[0] != 6:
+            torch.cuda._sleep(SLEEP_CYCLES)
+            before = f"GPU busy {SLEEP_MS:.0f} ms before"
         t = time.perf_counter(); p = launch(batch); h = time.perf_counter() - t
         torch.cuda.synchronize(); g = time.perf_counter() - t
-        print(f"{what}, GPU idle before: host launch {h * 1e3:.1f} ms, launch to done {g * 1e3:.1f} ms", flush=True)
-        return p
-    if count[0] in (2, 9):
-        # The GPU kept busy ~200 ms before: a launch that then takes about as long as with the GPU idle is the
-        # host's own cost; one that takes ~200 ms waited for the GPU (a full launch queue, or a sync).
-        torch.cuda.synchronize()
-        torch.cuda._sleep(SLEEP_CYCLES)
-        t = time.perf_counter(); p = launch(batch); h = time.perf_counter() - t
-        torch.cuda.synchronize(); g = time.perf_counter() - t
-        print(f"{what}, GPU busy {SLEEP_MS:.0f} ms before: host launch {h * 1e3:.1f} ms, launch to done "
-              f"{g * 1e3:.1f} ms", flush=True)
+        print(f"{what}, {before}: host launch {h * 1e3:.1f} ms, launch to done {g * 1e3:.1f} ms", flush=True)
         return p
     if count[0] == 3:
         warnings.showwarning = show
