@@ -7,7 +7,7 @@ engine's, so every per-layer view is strided, and block tables are shuffled so t
 import pytest
 import torch
 
-from nanovllm.layers.kernels import paged_decode_attention, store_kvcache
+from nanovllm.layers.kernels import paged_decode_attention, paged_prefill_attention, store_kvcache
 
 DEVICE = "cuda:0" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.float32
@@ -137,6 +137,93 @@ def test_paged_decode_attention_in_cuda_graph(num_splits):
     lens.copy_(torch.tensor(context_lens))
     graph.replay()
     ref = reference_decode(q, k_cache, v_cache, tables, lens, 0.2)
+    torch.testing.assert_close(out.float(), ref, **TOL)
+
+
+# ---- prompt attention over the paged cache ----
+
+def reference_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale):
+    """Each chunk's queries are its sequence's last tokens; query j sees keys 0..its own position."""
+    block_size, group = k_cache.shape[1], q.shape[1] // k_cache.shape[2]
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    cu = cu_seqlens_q.tolist()
+    for b, n in enumerate(seq_lens.tolist()):
+        len_q = cu[b + 1] - cu[b]
+        if len_q == 0:
+            continue
+        blocks = block_tables[b, : -(-n // block_size)].long()
+        k = k_cache[blocks].flatten(0, 1)[:n].float().repeat_interleave(group, dim=1)
+        v = v_cache[blocks].flatten(0, 1)[:n].float().repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,nhd->hqn", q[cu[b]:cu[b + 1]].float(), k) * scale
+        visible = torch.ones(len_q, n, dtype=torch.bool, device=q.device).tril(n - len_q)
+        p = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+        out[cu[b]:cu[b + 1]] = torch.einsum("hqn,nhd->qhd", p, v)
+    return out
+
+
+def prefill_inputs(seq_lens, chunk_lens, block_size, q_heads, kv_heads, head_dim, dtype=DTYPE, num_blocks=24):
+    _, k_cache, v_cache = make_cache(num_blocks, block_size, kv_heads, head_dim, dtype)
+    tables = make_block_tables([max(n, 1) for n in seq_lens], block_size, num_blocks)
+    cu = torch.tensor([0] + chunk_lens, dtype=torch.int32).cumsum(0).to(torch.int32).to(DEVICE)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    # q as a strided view (a slice of the fused qkv output), as the model passes it.
+    q = torch.randn(sum(chunk_lens), q_heads + 2 * kv_heads, head_dim, dtype=dtype, device=DEVICE)[:, :q_heads]
+    return q, k_cache, v_cache, tables, cu, lens
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("q_heads,kv_heads,head_dim", [(4, 4, 16), (4, 2, 32), (6, 2, 64), (8, 2, 16)])
+def test_paged_prefill_attention(block_size, q_heads, kv_heads, head_dim):
+    """Whole prompts, chunks after a cached context (earlier chunks or a prefix hit), one-token chunks and a
+    chunk spanning several query tiles, with tiles small enough that sequences share and straddle them."""
+    seq_lens = [5, 40, 2 * block_size + 3, 1, 70]
+    chunk_lens = [5, 17, 1, 1, 70]
+    q, k_cache, v_cache, tables, cu, lens = prefill_inputs(seq_lens, chunk_lens, block_size, q_heads, kv_heads,
+                                                           head_dim)
+    scale = head_dim ** -0.5
+    out = paged_prefill_attention(q, k_cache, v_cache, tables, cu, lens, scale, block_m=16, block_n=16)
+    ref = reference_prefill(q, k_cache, v_cache, tables, cu, lens, scale)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    torch.testing.assert_close(out.float(), ref, **TOL)
+
+
+def test_paged_prefill_attention_default_tiles_and_padding_chunks():
+    """The default tile sizes, and empty chunks at the end (how a captured step pads its sequence count)."""
+    seq_lens, chunk_lens = [100, 33, 0, 0], [60, 33, 0, 0]
+    q, k_cache, v_cache, tables, cu, lens = prefill_inputs(seq_lens, chunk_lens, 32, 8, 2, 32)
+    out = paged_prefill_attention(q, k_cache, v_cache, tables, cu, lens, 0.2)
+    ref = reference_prefill(q, k_cache, v_cache, tables, cu, lens, 0.2)
+    torch.testing.assert_close(out.float(), ref, **TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_paged_prefill_attention_half_precision(dtype):
+    q, k_cache, v_cache, tables, cu, lens = prefill_inputs([30, 50], [30, 20], 16, 4, 2, 32, dtype)
+    out = paged_prefill_attention(q, k_cache, v_cache, tables, cu, lens, 32 ** -0.5, block_m=16, block_n=16)
+    ref = reference_prefill(q, k_cache, v_cache, tables, cu, lens, 32 ** -0.5)
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_paged_prefill_attention_checks_its_inputs():
+    q, k_cache, v_cache, tables, cu, lens = prefill_inputs([8], [8], 16, 4, 2, 16)
+    with pytest.raises(ValueError, match="cu_seqlens_q"):
+        paged_prefill_attention(q, k_cache, v_cache, tables, cu[:1], lens, 0.25)
+    with pytest.raises(ValueError, match="block_n"):
+        paged_prefill_attention(q, k_cache, v_cache, tables, cu, lens, 0.25, block_n=32)
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="CUDA graphs need a GPU")
+def test_paged_prefill_attention_in_cuda_graph():
+    """Captured with one set of chunk lengths, replayed with others of the same token and sequence counts."""
+    q, k_cache, v_cache, tables, cu, lens = prefill_inputs([40, 10], [30, 10], 16, 4, 2, 32)
+    paged_prefill_attention(q, k_cache, v_cache, tables, cu, lens, 0.2)  # compile first
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = paged_prefill_attention(q, k_cache, v_cache, tables, cu, lens, 0.2)
+    cu.copy_(torch.tensor([0, 5, 40]))
+    lens.copy_(torch.tensor([20, 35]))
+    graph.replay()
+    ref = reference_prefill(q, k_cache, v_cache, tables, cu, lens, 0.2)
     torch.testing.assert_close(out.float(), ref, **TOL)
 
 

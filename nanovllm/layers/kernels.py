@@ -1,4 +1,4 @@
-"""Triton kernels for the paged KV cache: writing new K/V, and decode attention.
+"""Triton kernels for the paged KV cache: writing new K/V, and prompt and decode attention.
 
 Cache layout. The engine allocates one tensor per device,
 
@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["store_kvcache", "paged_decode_attention", "rms_norm", "rotate_qk", "silu_and_mul"]
+__all__ = ["store_kvcache", "paged_decode_attention", "paged_prefill_attention", "rms_norm", "rotate_qk",
+           "silu_and_mul"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,6 +275,145 @@ def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=N
         out.stride(0), out.stride(1),
         HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
         SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4,
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# paged_prefill_attention
+# ---------------------------------------------------------------------------------------------
+# Prompt chunks attend to their whole context straight from the paged cache (their own K/V already stored
+# there): no gather of a chunk's earlier tokens into a dense copy, one launch per layer, and a grid that
+# depends only on the step's token and sequence counts, never on their lengths, so a step can be captured
+# in a CUDA graph for a token bucket.
+
+@triton.jit
+def _paged_prefill_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens_q_ptr, seq_lens_ptr, out_ptr,
+    qk_scale, num_seqs,
+    stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_bt,
+    stride_ot, stride_oh,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """One program = BLOCK_M query tokens of one sequence x every q head of one kv group, so each K/V tile is
+    read once per group (GQA). Sequence i owns tiles cu_q[i] // BLOCK_M + i onwards (at least its
+    cdiv(len_q, BLOCK_M) tiles): a binary search over cu_seqlens_q finds a program's sequence, and tiles past a
+    sequence's queries do nothing. Query j of a chunk of len_q is token seq_len - len_q + j of its sequence and
+    sees tokens 0..itself."""
+    kvh = tl.program_id(0)
+    tile = tl.program_id(1)
+    # The last sequence whose first tile is at or before this one.
+    lo = 0
+    hi = num_seqs
+    for _ in range(SEARCH_STEPS):
+        mid = (lo + hi) // 2
+        first = tl.load(cu_seqlens_q_ptr + mid) // BLOCK_M + mid
+        go_right = (mid < hi) & (first <= tile)
+        lo = tl.where(go_right, mid + 1, lo)
+        hi = tl.where(go_right, hi, mid)
+    seq = lo - 1
+    q_start = tl.load(cu_seqlens_q_ptr + seq)
+    len_q = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+    m0 = (tile - (q_start // BLOCK_M + seq)) * BLOCK_M  # this tile's first query, within the chunk
+    if m0 < len_q:
+        seq_len = tl.load(seq_lens_ptr + seq)
+        # Rows are (query token, head in the group) pairs: token r // GROUP_PAD, head r % GROUP_PAD.
+        r = tl.arange(0, BLOCK_M * GROUP_PAD)
+        tok = m0 + r // GROUP_PAD
+        g = r % GROUP_PAD
+        row_ok = (tok < len_q) & (g < GROUP)
+        pos = seq_len - len_q + tok  # each row's position in its sequence: it sees keys 0..pos
+        d = tl.arange(0, HEAD_DIM)
+        n = tl.arange(0, BLOCK_N)
+        q_rows = (q_start + tok).to(tl.int64) * stride_qt + (kvh * GROUP + g) * stride_qh
+        q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        m_i = tl.zeros([BLOCK_M * GROUP_PAD], dtype=tl.float32) - float("inf")
+        l_i = tl.zeros([BLOCK_M * GROUP_PAD], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M * GROUP_PAD, HEAD_DIM], dtype=tl.float32)
+        table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+        k_head = k_cache_ptr + kvh * stride_kh + d[None, :]
+        v_head = v_cache_ptr + kvh * stride_vh + d[None, :]
+        # Keys up to this tile's last query: tiles past it are masked out entirely (causal).
+        key_end = tl.minimum(seq_len, seq_len - len_q + m0 + BLOCK_M)
+        for t in range(0, tl.cdiv(key_end, BLOCK_N)):
+            start = t * BLOCK_N  # BLOCK_N divides BLOCK_SIZE: one block-table lookup per tile
+            block = tl.load(table_row + start // BLOCK_SIZE).to(tl.int64)
+            rows = (start % BLOCK_SIZE + n)[:, None]
+            key_ok = start + n < key_end
+            k = tl.load(k_head + block * stride_kb + rows * stride_kt, mask=key_ok[:, None], other=0.0)
+            v = tl.load(v_head + block * stride_vb + rows * stride_vt, mask=key_ok[:, None], other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # log2 units: exp2 below
+            # Key 0 is visible to every row (pos >= 0), so no row is all -inf and m stays finite.
+            s = tl.where(key_ok[None, :] & (start + n[None, :] <= pos[:, None]), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            m_i = m_new
+        out = acc / l_i[:, None]
+        o_rows = (q_start + tok).to(tl.int64) * stride_ot + (kvh * GROUP + g) * stride_oh
+        tl.store(out_ptr + o_rows[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+                            scale: float, block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
+    """Causal attention of prompt chunks over the paged KV cache, which already holds their own K/V.
+
+    q: [T, num_q_heads, head_dim], the chunks one after another; cu_seqlens_q: int32 [S + 1], where each
+    chunk's queries start in q; seq_lens: int32 [S], each sequence's length including its chunk (the chunk is
+    its last tokens); block_tables: int32 [S, max_blocks]. Returns [T, num_q_heads, head_dim] in q's dtype. No
+    host syncs, and the grid depends on T and S only: CUDA-graph capturable for a fixed T and S (pad with
+    empty chunks). block_m / block_n override the tile sizes (tests and benchmarks).
+    """
+    tokens, num_q_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    _check_cache(k_cache, v_cache, num_kv_heads, head_dim)
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"{num_q_heads} q heads is not a multiple of {num_kv_heads} kv heads")
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two >= 16 (tl.dot), got {head_dim}")
+    if q.stride(-1) != 1:
+        raise ValueError("q needs a unit stride on head_dim")
+    if q.dtype != k_cache.dtype:
+        raise ValueError(f"q is {q.dtype} but the cache is {k_cache.dtype}")
+    num_seqs = seq_lens.numel()
+    if cu_seqlens_q.numel() != num_seqs + 1:
+        raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.numel()} entries for {num_seqs} sequences")
+    out = torch.empty_like(q)
+    if tokens == 0 or num_seqs == 0:
+        return out
+    group = num_q_heads // num_kv_heads
+    group_pad = triton.next_power_of_2(group)
+    # 128 rows (tokens x heads of a group) per program: a 128 x BLOCK_N mma tile; at least 16 tokens.
+    block_m = block_m or max(16, 128 // group_pad)
+    block_n = block_n or min(block_size, 64)
+    if block_size % block_n:
+        raise ValueError(f"block_n {block_n} must divide block_size {block_size}")
+    grid = (num_kv_heads, tokens // block_m + num_seqs)
+    _paged_prefill_kernel[grid](
+        q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out,
+        scale * 1.4426950408889634, num_seqs,  # log2(e): the kernel works with exp2
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m,
+        BLOCK_N=block_n, SEARCH_STEPS=max(1, (num_seqs + 1).bit_length()),
+        # The interpreter (CPU tensors) multiplies bf16 as raw uint16: give it fp32.
+        UPCAST=q.device.type == "cpu" and q.dtype == torch.bfloat16,
+        num_warps=4, num_stages=2,
     )
     return out
 
