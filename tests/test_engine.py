@@ -69,6 +69,22 @@ def test_padded_prompt_tokens_change_no_token(qwen3_path):
     assert [o["token_ids"] for o in outputs] == hf_greedy(qwen3_path, prompts, GREEDY.max_tokens)
 
 
+def test_triton_attention_kernels_give_the_same_tokens(qwen3_path):
+    """The CUDA path's attention (Triton kernels: prompt chunks over the paged cache, decode, the KV store), run
+    in Triton's interpreter on the CPU, fp32: chunks beside decodes, chunks reading earlier chunks' KV, the
+    padding pseudo-sequence; the tokens stay transformers'."""
+    from nanovllm.layers.attention import Attention
+    prompts = random_prompts(4, 1, 100, seed=4)
+    llm = LLM(qwen3_path, **dict(SMALL, chunked_prefill_tokens=40))
+    llm.model_runner.prefill_token_multiple = 32
+    attentions = [m for m in llm.model_runner.model.modules() if isinstance(m, Attention)]
+    for attention in attentions:
+        attention.backend = "triton"
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    assert [o["token_ids"] for o in outputs] == hf_greedy(qwen3_path, prompts, params.max_tokens)
+
+
 def test_text_prompts_and_outputs(qwen3_path):
     llm = LLM(qwen3_path, **SMALL)
     [out] = llm.generate("The quick brown fox", SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),

@@ -187,13 +187,16 @@ def test_paged_prefill_attention(block_size, q_heads, kv_heads, head_dim):
     torch.testing.assert_close(out.float(), ref, **TOL)
 
 
-def test_paged_prefill_attention_default_tiles_and_padding_chunks():
-    """The default tile sizes, and empty chunks at the end (how a captured step pads its sequence count)."""
-    seq_lens, chunk_lens = [100, 33, 0, 0], [60, 33, 0, 0]
+def test_paged_prefill_attention_default_tiles_and_padding():
+    """The default tile sizes; the runner's padding rows (a chunk of a length-0 sequence, block table -1: read
+    nothing, give zeros) and empty chunks at the end (how a captured step would pad its sequence count)."""
+    seq_lens, chunk_lens = [100, 33, 0, 0, 0], [60, 33, 7, 0, 0]
     q, k_cache, v_cache, tables, cu, lens = prefill_inputs(seq_lens, chunk_lens, 32, 8, 2, 32)
+    tables[2:] = -1
     out = paged_prefill_attention(q, k_cache, v_cache, tables, cu, lens, 0.2)
     ref = reference_prefill(q, k_cache, v_cache, tables, cu, lens, 0.2)
     torch.testing.assert_close(out.float(), ref, **TOL)
+    assert torch.equal(out[93:], torch.zeros_like(out[93:]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

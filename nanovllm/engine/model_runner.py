@@ -222,8 +222,9 @@ class ModelRunner:
                     max_seqlen_k=max(pad, max(end for _, _, end in chunks)),
                     last_tokens=np.asarray(cu_seqlens_q)[1:][sampling] - 1,
                     context_rows=np.concatenate(context_rows, axis=1) if has_context else None,
+                    seq_lens=np.diff(cu_seqlens_k)[:len(chunks)].tolist() + [0] * (pad > 0),  # padding: none
                     block_tables=(_block_tables([seq for seq, _, _ in chunks], pad_rows=pad > 0)
-                                  if has_context else None))
+                                  if slot_mapping else None))
 
     def _rows(self, seq: Sequence, start: int, end: int) -> np.ndarray:
         """[2, end - start]: the cache block and the offset in it of tokens [start, end) of `seq`."""
@@ -250,13 +251,14 @@ class ModelRunner:
         return input_ids, positions, ctx
 
     def _prefill_tensors(self, p: dict) -> tuple[torch.Tensor, torch.Tensor, Context]:
-        has_context = p["context_rows"] is not None
+        has_context, has_cache = p["context_rows"] is not None, p["block_tables"] is not None
         ctx = Context(is_prefill=True, slot_mapping=self._tensor(p["slot_mapping"], torch.int32),
                       cu_seqlens_q=self._tensor(p["cu_seqlens_q"], torch.int32),
                       cu_seqlens_k=self._tensor(p["cu_seqlens_k"], torch.int32),
                       max_seqlen_q=p["max_seqlen_q"], max_seqlen_k=p["max_seqlen_k"],
                       prefix_rows=tuple(self._tensor(p["context_rows"], torch.int64)) if has_context else None,
-                      block_tables=self._tensor(p["block_tables"], torch.int32) if has_context else None)
+                      context_lens=self._tensor(p["seq_lens"], torch.int32),
+                      block_tables=self._tensor(p["block_tables"], torch.int32) if has_cache else None)
         return self._tensor(p["input_ids"], torch.int64), self._tensor(p["positions"], torch.int64), ctx
 
     # ---- running ----

@@ -1,9 +1,9 @@
 """Attention over the paged KV cache, with one backend per device kind.
 
 - "torch": plain PyTorch, slow and exact; the CPU path, and the reference the others are tested against.
-- "triton": CUDA without flash-attn: `varlen_attn` (flash-based, in PyTorch) for prefill and a Triton
-  paged-attention kernel for decode; K/V are written into the cache by a Triton kernel. In float32
-  (which flash kernels lack) prefill falls back to the torch path.
+- "triton": CUDA without flash-attn: Triton kernels for prompt attention and decode attention over the paged
+  cache, and for writing K/V into it. (Before the cache exists, in the memory-sizing warm-up, prompts run
+  through `varlen_attn`, flash-based, in PyTorch; in float32, which flash kernels lack, through the torch path.)
 - "flash": flash-attn's varlen and KV-cache kernels, when the package is installed (needs blocks of a
   multiple of 256 tokens).
 """
@@ -53,6 +53,9 @@ class Attention(nn.Module):
         if ctx.is_prefill:
             if self.backend == "flash":
                 return self._flash_prefill(q, k, v, ctx)
+            if self.backend == "triton" and has_cache:  # the context straight from the cache, one launch
+                return _triton().paged_prefill_attention(q, self.k_cache, self.v_cache, ctx.block_tables,
+                                                         ctx.cu_seqlens_q, ctx.context_lens, self.scale)
             if ctx.prefix_rows is not None:  # part of the context comes from the cache
                 k, v = self.k_cache[ctx.prefix_rows], self.v_cache[ctx.prefix_rows]
             if self.backend == "torch" or q.dtype == torch.float32:  # flash kernels have no fp32

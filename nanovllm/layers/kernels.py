@@ -354,6 +354,7 @@ def _paged_prefill_kernel(
                 v = v.to(tl.float32)
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # log2 units: exp2 below
             # Key 0 is visible to every row (pos >= 0), so no row is all -inf and m stays finite.
+            # (A sequence of length 0, the padding's, reads no tile at all.)
             s = tl.where(key_ok[None, :] & (start + n[None, :] <= pos[:, None]), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
@@ -361,21 +362,23 @@ def _paged_prefill_kernel(
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
             m_i = m_new
-        out = acc / l_i[:, None]
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # zeros, not NaN, where nothing was read
         o_rows = (q_start + tok).to(tl.int64) * stride_ot + (kvh * GROUP + g) * stride_oh
         tl.store(out_ptr + o_rows[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
-                            scale: float, block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
+                            scale: float, block_m: int | None = None, block_n: int | None = None,
+                            num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """Causal attention of prompt chunks over the paged KV cache, which already holds their own K/V.
 
     q: [T, num_q_heads, head_dim], the chunks one after another; cu_seqlens_q: int32 [S + 1], where each
     chunk's queries start in q; seq_lens: int32 [S], each sequence's length including its chunk (the chunk is
-    its last tokens); block_tables: int32 [S, max_blocks]. Returns [T, num_q_heads, head_dim] in q's dtype. No
-    host syncs, and the grid depends on T and S only: CUDA-graph capturable for a fixed T and S (pad with
-    empty chunks). block_m / block_n override the tile sizes (tests and benchmarks).
+    its last tokens; a length of 0 gives zeros, e.g. for padding rows); block_tables: int32 [S, max_blocks].
+    Returns [T, num_q_heads, head_dim] in q's dtype. No host syncs, and the grid depends on T and S only:
+    CUDA-graph capturable for a fixed T and S (pad with empty chunks). The tile sizes and launch knobs are for
+    tests and benchmarks (benchmarks/prefill_kernel.py).
     """
     tokens, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -413,7 +416,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         BLOCK_N=block_n, SEARCH_STEPS=max(1, (num_seqs + 1).bit_length()),
         # The interpreter (CPU tensors) multiplies bf16 as raw uint16: give it fp32.
         UPCAST=q.device.type == "cpu" and q.dtype == torch.bfloat16,
-        num_warps=4, num_stages=2,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out
 

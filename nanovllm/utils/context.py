@@ -28,6 +28,7 @@ class Context:
     # Set when some context comes from the cache (a prefix hit, or earlier chunks of the prompt): every context
     # token's cache row, as (block ids, offsets in block), each [sum of context lens] int64.
     prefix_rows: tuple[torch.Tensor, torch.Tensor] | None = None
-    # decode (prefill too, for the CPU path)
+    # both: each sequence's length including this step's tokens, and its cache blocks (prefill: once the cache
+    # exists; the padding pseudo-sequence has a row too)
     context_lens: torch.Tensor | None = None  # [num_seqs] int32
     block_tables: torch.Tensor | None = None  # [num_seqs, max_blocks] int32
