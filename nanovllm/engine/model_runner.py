@@ -9,6 +9,7 @@ import torch
 from nanovllm.config import Config, min_kv_blocks
 from nanovllm.engine import tensor_parallel
 from nanovllm.engine.partitions import SMPartitions
+from nanovllm.engine.prompt_graphs import PromptGraphs, bucket_sizes
 from nanovllm.engine.scheduler import Batch
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import select_backend
@@ -23,6 +24,9 @@ logger = logging.getLogger("nanovllm")
 CPU_KV_CACHE_BYTES = 1 << 30  # default KV budget on CPU, where free memory says little
 _GREEDY = SamplingParams(temperature=0, max_tokens=1)
 _SAMPLED = SamplingParams(temperature=1.0, max_tokens=1)
+# Prompt steps of up to this many tokens run through CUDA graphs (engine/prompt_graphs.py); larger ones eagerly:
+# their GPU time grows with their tokens and their host time does not, so a graph matters less there.
+GRAPHED_PROMPT_TOKENS = 16384
 FAILURE_POLL_S = 50e-6  # tensor parallel: how often a wait for sampled tokens checks for a failed rank
 
 
@@ -76,16 +80,21 @@ class ModelRunner:
             self.graphs = {}
             if self.is_cuda and not config.enforce_eager and role != "prefill":
                 self._capture_cudagraphs()
+            self.prompt_graphs: PromptGraphs | None = None
+            if self.is_cuda and not config.enforce_eager and role != "decode" and self.backend == "triton":
+                self._capture_prompt_graphs()
             if config.sm_partitions and role != "prefill":
                 self.partitions = SMPartitions.from_config(self)
             self.copy_stream = torch.cuda.Stream(self.device) if self.is_cuda else None  # KV transfers
             self.last_sampled: torch.Tensor | None = None
         if workers:
             workers.graphs += [self.graphs] + (self.partitions.graph_sets() if self.partitions else [])
+            workers.graphs += [self.prompt_graphs.graphs] if self.prompt_graphs else []
         self.workers = workers
         logger.info(f"{role} runner on {self.device}: {config.dtype}, attention backend {self.backend}, "
                     f"{self.num_kv_blocks} KV blocks ({self.kv_capacity_tokens} tokens, "
-                    f"{self.kv_cache.nbytes / 2**30:.2f} GiB), CUDA graphs {'on' if self.graphs else 'off'}"
+                    f"{self.kv_cache.nbytes / 2**30:.2f} GiB), CUDA graphs for decode "
+                    f"{'on' if self.graphs else 'off'}, for prompt steps {'on' if self.prompt_graphs else 'off'}"
                     + (f", tensor parallel over {self.tp.size} ranks" if self.tp.size > 1 else ""))
 
     def close(self):
@@ -308,9 +317,27 @@ class ModelRunner:
             return self.model(input_ids, positions, ctx)
         return self.replay_graph(graphs, input_ids, positions, ctx)
 
-    def forward_prefills(self, inputs: "StepInputs") -> torch.Tensor:
+    def forward_prefills(self, inputs: "StepInputs", graphed: bool = True) -> torch.Tensor:
+        """Through the prompt-step graphs when the step fits them (`graphed=False`: eagerly, as on an SM partition,
+        where a graph captured on the whole GPU would still run on the whole GPU)."""
         input_ids, positions, ctx = self._prefill_tensors(inputs.prefill)
-        return self.model(input_ids, positions, ctx)[self._tensor(inputs.prefill["last_tokens"], torch.int64)]
+        if graphed and self.prompt_graphs and self.prompt_graphs.fits(input_ids.size(0), ctx):
+            hidden = self.prompt_graphs.replay(input_ids, positions, ctx)
+        else:
+            hidden = self.model(input_ids, positions, ctx)
+        return hidden[self._tensor(inputs.prefill["last_tokens"], torch.int64)]
+
+    def _capture_prompt_graphs(self):
+        start, c = time.perf_counter(), self.config
+        sizes = bucket_sizes(self.prefill_token_multiple, min(c.max_num_batched_tokens, GRAPHED_PROMPT_TOKENS))
+        self.prompt_graphs = PromptGraphs(self.model, sizes, max_seqs=c.max_num_seqs + 1,  # + the padding's
+                                          max_blocks=-(-c.max_model_len // self.block_size),
+                                          hidden_size=c.hf_config.hidden_size, dtype=c.dtype, device=self.device,
+                                          pool=getattr(self, "graph_pool", None))
+        self.graph_pool = self.prompt_graphs.pool  # one pool for all of this runner's graphs
+        torch.cuda.synchronize(self.device)
+        logger.info(f"captured {len(sizes)} prompt-step CUDA graphs on {self.device} ({sizes[0]} to {sizes[-1]} "
+                    f"tokens) in {time.perf_counter() - start:.1f}s")
 
     # ---- CUDA graphs for decode ----
 

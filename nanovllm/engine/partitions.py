@@ -322,7 +322,7 @@ class SMPartitions:
         self.split_steps[k] += 1
         decode, prefill = self.splits[k]
         hidden = side_by_side((decode.stream, lambda: r.forward_decodes(inputs, self.split_graphs[k])),
-                              (prefill.stream, lambda: r.forward_prefills(inputs)))
+                              (prefill.stream, lambda: r.forward_prefills(inputs, graphed=False)))
         return torch.cat(hidden)
 
     def choose_split(self, inputs) -> int:
