@@ -76,9 +76,9 @@ def test_triton_attention_kernels_give_the_same_tokens(qwen3_path):
     from nanovllm.layers.attention import Attention
     prompts = random_prompts(4, 1, 100, seed=4)
     llm = LLM(qwen3_path, **dict(SMALL, chunked_prefill_tokens=40))
-    llm.model_runner.prefill_token_multiple = 32
-    attentions = [m for m in llm.model_runner.model.modules() if isinstance(m, Attention)]
-    for attention in attentions:
+    runner = llm.model_runner
+    runner.prefill_token_multiple, runner.backend = 32, "triton"  # the CUDA runner's inputs (no context gather)
+    for attention in [m for m in runner.model.modules() if isinstance(m, Attention)]:
         attention.backend = "triton"
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     outputs = llm.generate(prompts, params, use_tqdm=False)
@@ -109,7 +109,7 @@ def test_prompt_steps_replayed_from_padded_static_buffers_give_the_same_tokens(q
     config = dict(SMALL, chunked_prefill_tokens=40, max_num_batched_tokens=128)
     llm = LLM(qwen3_path, **config)
     runner = llm.model_runner
-    runner.prefill_token_multiple = 16
+    runner.prefill_token_multiple, runner.backend = 16, "triton"
     for attention in [m for m in runner.model.modules() if isinstance(m, Attention)]:
         attention.backend = "triton"
     runner.prompt_graphs = prompt_graphs.PromptGraphs(

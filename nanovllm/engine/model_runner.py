@@ -203,7 +203,9 @@ class ModelRunner:
         """Tokens [start, end) of each sequence, over its context [0, end)."""
         input_ids, positions, slot_mapping, context_rows = [], [], [], []
         cu_seqlens_q, cu_seqlens_k = [0], [0]
-        has_context = any(start for _, start, _ in chunks)
+        # The rows of the context a chunk attends to (earlier chunks, a prefix hit), for the backends that gather
+        # it; the Triton kernel reads it from the cache through the block tables.
+        has_context = self.backend != "triton" and any(start for _, start, _ in chunks)
         for seq, start, end in chunks:
             input_ids.extend(seq[start:end])
             positions.append(np.arange(start, end))
