@@ -91,6 +91,34 @@ def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
+def _kv_tile(table_row, k_head, v_head, start, end, stride_kb, stride_kt, stride_vb, stride_vt,
+             BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    """K and V of tokens [start, start + BLOCK_N) of one sequence and kv head, rows at or past `end` zero, and
+    which rows are before `end`. BLOCK_N divides BLOCK_SIZE, so a tile never straddles two cache blocks and needs
+    a single block-table lookup; table entries past the sequence are never read."""
+    n = tl.arange(0, BLOCK_N)
+    block = tl.load(table_row + start // BLOCK_SIZE).to(tl.int64)
+    rows = (start % BLOCK_SIZE + n)[:, None]
+    valid = start + n < end
+    k = tl.load(k_head + block * stride_kb + rows * stride_kt, mask=valid[:, None], other=0.0)
+    v = tl.load(v_head + block * stride_vb + rows * stride_vt, mask=valid[:, None], other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v, valid
+
+
+@triton.jit
+def _online_softmax_step(m_i, l_i, acc, s, v):
+    """Fold one tile of scores `s` (log2 units, masked with -inf) and its V into the running max, sum and output."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    return m_new, l_i * alpha + tl.sum(p, axis=1), acc
+
+
+@triton.jit
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, m_ptr, l_ptr,
@@ -124,7 +152,6 @@ def _paged_decode_kernel(
 
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM)
-    n = tl.arange(0, BLOCK_N)
     heads = kvh * GROUP + g
     q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + d[None, :],
                 mask=(g < GROUP)[:, None], other=0.0)
@@ -139,27 +166,14 @@ def _paged_decode_kernel(
     v_head = v_cache_ptr + kvh * stride_vh + d[None, :]
 
     for t in range(tile_lo, tile_hi):
-        # BLOCK_N divides BLOCK_SIZE, so a tile never straddles two cache blocks and needs a
-        # single block-table lookup; table entries past the sequence are never read.
         start = t * BLOCK_N
-        block = tl.load(table_row + start // BLOCK_SIZE).to(tl.int64)
-        rows = (start % BLOCK_SIZE + n)[:, None]
-        valid = start + n < ctx
-        k = tl.load(k_head + block * stride_kb + rows * stride_kt, mask=valid[:, None], other=0.0)
-        v = tl.load(v_head + block * stride_vb + rows * stride_vt, mask=valid[:, None], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v, valid = _kv_tile(table_row, k_head, v_head, start, ctx, stride_kb, stride_kt, stride_vb, stride_vt,
+                               BLOCK_SIZE, BLOCK_N, UPCAST)
 
         # Scores in log2 units (qk_scale folds in log2(e)) so exp2 can be used.
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
         s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, v)
 
     out_mask = (g < GROUP)[:, None]
     o_rows = out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :]
@@ -222,15 +236,7 @@ def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=N
     """paged_decode_attention with every launch knob exposed, for the benchmark's sweeps."""
     batch, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
-    _check_cache(k_cache, v_cache, num_kv_heads, head_dim)
-    if num_q_heads % num_kv_heads:
-        raise ValueError(f"{num_q_heads} q heads is not a multiple of {num_kv_heads} kv heads")
-    if head_dim < 16 or head_dim & (head_dim - 1):
-        raise ValueError(f"head_dim must be a power of two >= 16 (tl.dot), got {head_dim}")
-    if q.stride(-1) != 1:
-        raise ValueError("q needs a unit stride on head_dim")
-    if q.dtype != k_cache.dtype:
-        raise ValueError(f"q is {q.dtype} but the cache is {k_cache.dtype}")
+    _check_attention_inputs(q, k_cache, v_cache)
     group = num_q_heads // num_kv_heads
     out = torch.empty(batch, num_q_heads, head_dim, dtype=q.dtype, device=q.device)
     if batch == 0:
@@ -343,25 +349,14 @@ def _paged_prefill_kernel(
         # Keys up to this tile's last query: tiles past it are masked out entirely (causal).
         key_end = tl.minimum(seq_len, seq_len - len_q + m0 + BLOCK_M)
         for t in range(0, tl.cdiv(key_end, BLOCK_N)):
-            start = t * BLOCK_N  # BLOCK_N divides BLOCK_SIZE: one block-table lookup per tile
-            block = tl.load(table_row + start // BLOCK_SIZE).to(tl.int64)
-            rows = (start % BLOCK_SIZE + n)[:, None]
-            key_ok = start + n < key_end
-            k = tl.load(k_head + block * stride_kb + rows * stride_kt, mask=key_ok[:, None], other=0.0)
-            v = tl.load(v_head + block * stride_vb + rows * stride_vt, mask=key_ok[:, None], other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            start = t * BLOCK_N
+            k, v, key_ok = _kv_tile(table_row, k_head, v_head, start, key_end, stride_kb, stride_kt, stride_vb,
+                                    stride_vt, BLOCK_SIZE, BLOCK_N, UPCAST)
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # log2 units: exp2 below
             # Key 0 is visible to every row (pos >= 0), so no row is all -inf and m stays finite.
             # (A sequence of length 0, the padding's, reads no tile at all.)
             s = tl.where(key_ok[None, :] & (start + n[None, :] <= pos[:, None]), s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            m_i = m_new
+            m_i, l_i, acc = _online_softmax_step(m_i, l_i, acc, s, v)
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # zeros, not NaN, where nothing was read
         o_rows = (q_start + tok).to(tl.int64) * stride_ot + (kvh * GROUP + g) * stride_oh
         tl.store(out_ptr + o_rows[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -382,15 +377,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     """
     tokens, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
-    _check_cache(k_cache, v_cache, num_kv_heads, head_dim)
-    if num_q_heads % num_kv_heads:
-        raise ValueError(f"{num_q_heads} q heads is not a multiple of {num_kv_heads} kv heads")
-    if head_dim < 16 or head_dim & (head_dim - 1):
-        raise ValueError(f"head_dim must be a power of two >= 16 (tl.dot), got {head_dim}")
-    if q.stride(-1) != 1:
-        raise ValueError("q needs a unit stride on head_dim")
-    if q.dtype != k_cache.dtype:
-        raise ValueError(f"q is {q.dtype} but the cache is {k_cache.dtype}")
+    _check_attention_inputs(q, k_cache, v_cache)
     num_seqs = seq_lens.numel()
     if cu_seqlens_q.numel() != num_seqs + 1:
         raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.numel()} entries for {num_seqs} sequences")
@@ -445,6 +432,20 @@ def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # interpreter: any small number exercises the split path
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _check_attention_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """q [tokens, q heads, head_dim] against the cache views both attention kernels read."""
+    num_q_heads, head_dim, num_kv_heads = q.shape[1], q.shape[2], k_cache.shape[2]
+    _check_cache(k_cache, v_cache, num_kv_heads, head_dim)
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"{num_q_heads} q heads is not a multiple of {num_kv_heads} kv heads")
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two >= 16 (tl.dot), got {head_dim}")
+    if q.stride(-1) != 1:
+        raise ValueError("q needs a unit stride on head_dim")
+    if q.dtype != k_cache.dtype:
+        raise ValueError(f"q is {q.dtype} but the cache is {k_cache.dtype}")
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int,
