@@ -102,7 +102,7 @@ def traced(batch):
     prompt_tokens = sum(end - start for _, start, end in batch.prefills)
     what = f"prompt step {count[0]} ({prompt_tokens} prompt tokens, {len(batch.decodes)} decodes)"
     if count[0] in (1, 8):
-        padded = -(-prompt_tokens // runner.prefill_token_multiple) * runner.prefill_token_multiple
+        padded = runner.padded_prompt_tokens(prompt_tokens)
         return profile_kernels(what, batch, padded + len(batch.decodes))
     if count[0] in (2, 6, 9):
         # Step 6 with the GPU idle before; steps 2 and 9 with it kept busy ~200 ms: a launch that then takes about

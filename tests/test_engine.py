@@ -46,14 +46,16 @@ def test_preemption_gives_the_same_tokens(qwen3_path):
     assert tight.scheduler.block_managers[0].num_free_blocks == 20  # everything released
 
 
-def test_padded_prompt_tokens_change_no_token(qwen3_path):
-    """On CUDA a step's prompt tokens are padded to a multiple of 128 (`prefill_token_multiple`) with a
-    pseudo-sequence that attends only to itself. Here the CPU pads the same way, with prompts chunked beside
-    decodes, so that chunks also read earlier chunks' KV from the cache: the tokens stay transformers'."""
+@pytest.mark.parametrize("buckets", [[], [256, 512]], ids=["multiples", "buckets"])
+def test_padded_prompt_tokens_change_no_token(qwen3_path, buckets):
+    """On CUDA a step's prompt tokens are padded to a multiple of 128 (`prefill_token_multiple`), and further to
+    the prompt-step graphs' token buckets, with a pseudo-sequence that attends only to itself. Here the CPU pads
+    the same way, with prompts chunked beside decodes, so that chunks also read earlier chunks' KV from the cache:
+    the tokens stay transformers'."""
     prompts = random_prompts(6, 1, 150, seed=3)
     llm = LLM(qwen3_path, **dict(SMALL, chunked_prefill_tokens=40))
     runner, steps = llm.model_runner, []
-    runner.prefill_token_multiple = 128
+    runner.prefill_token_multiple, runner.prompt_buckets = 128, buckets
     host_inputs = runner.host_inputs
 
     def recorded(batch):
@@ -64,7 +66,7 @@ def test_padded_prompt_tokens_change_no_token(qwen3_path):
 
     runner.host_inputs = recorded
     outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
-    assert all(tokens % 128 == 0 for tokens, _ in steps)
+    assert all(tokens % 128 == 0 and (not buckets or tokens in buckets) for tokens, _ in steps)
     assert any(with_context for _, with_context in steps)
     assert [o["token_ids"] for o in outputs] == hf_greedy(qwen3_path, prompts, GREEDY.max_tokens)
 

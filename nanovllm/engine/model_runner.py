@@ -1,3 +1,4 @@
+import bisect
 import contextlib
 import logging
 import time
@@ -68,6 +69,10 @@ class ModelRunner:
         # seen costs ~240 us of host time (measured on an H200, vs ~25 us for a known shape), and chunked
         # prefill makes nearly every step's token count new. On the CPU the same path runs with a small multiple.
         self.prefill_token_multiple = 128 if self.is_cuda else 8
+        # On CUDA, up to GRAPHED_PROMPT_TOKENS, further to the prompt-step graphs' token buckets, graphs on or off:
+        # the same shapes give the same matmul kernels, so a step's tokens do not depend on whether it replays.
+        self.prompt_buckets = bucket_sizes(self.prefill_token_multiple, min(
+            config.max_num_batched_tokens, GRAPHED_PROMPT_TOKENS)) if self.is_cuda else []
         self.partitions: SMPartitions | None = None  # M2: green-context SM partitions (Config.sm_partitions)
         with self.on_device(), torch.inference_mode(), tensor_parallel.reporting_failures(workers):
             self.model = self._build_model()
@@ -216,7 +221,7 @@ class ModelRunner:
             slot_mapping.append(self._slots(seq, start, end))
             if has_context:
                 context_rows.append(self._rows(seq, 0, end))
-        pad = -len(input_ids) % self.prefill_token_multiple
+        pad = self.padded_prompt_tokens(len(input_ids)) - len(input_ids)
         if pad:  # a pseudo-sequence of `pad` tokens that attends only to itself; nothing reads its rows
             input_ids.extend([0] * pad)
             positions.append(np.zeros(pad, dtype=np.int64))
@@ -236,6 +241,12 @@ class ModelRunner:
                     seq_lens=np.diff(cu_seqlens_k)[:len(chunks)].tolist() + [0] * (pad > 0),  # padding: none
                     block_tables=(_block_tables([seq for seq, _, _ in chunks], pad_rows=pad > 0)
                                   if slot_mapping else None))
+
+    def padded_prompt_tokens(self, num_tokens: int) -> int:
+        """How many rows a step with this many prompt tokens runs (see prefill_token_multiple, prompt_buckets)."""
+        if self.prompt_buckets and num_tokens <= self.prompt_buckets[-1]:
+            return self.prompt_buckets[bisect.bisect_left(self.prompt_buckets, num_tokens)]
+        return -(-num_tokens // self.prefill_token_multiple) * self.prefill_token_multiple
 
     def _rows(self, seq: Sequence, start: int, end: int) -> np.ndarray:
         """[2, end - start]: the cache block and the offset in it of tokens [start, end) of `seq`."""
@@ -330,8 +341,7 @@ class ModelRunner:
         return hidden[self._tensor(inputs.prefill["last_tokens"], torch.int64)]
 
     def _capture_prompt_graphs(self):
-        start, c = time.perf_counter(), self.config
-        sizes = bucket_sizes(self.prefill_token_multiple, min(c.max_num_batched_tokens, GRAPHED_PROMPT_TOKENS))
+        start, c, sizes = time.perf_counter(), self.config, self.prompt_buckets
         self.prompt_graphs = PromptGraphs(self.model, sizes, max_seqs=c.max_num_seqs + 1,  # + the padding's
                                           max_blocks=-(-c.max_model_len // self.block_size),
                                           hidden_size=c.hf_config.hidden_size, dtype=c.dtype, device=self.device,
