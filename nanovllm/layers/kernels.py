@@ -293,7 +293,7 @@ def _decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=N
 # depends only on the step's token and sequence counts, never on their lengths, so a step can be captured
 # in a CUDA graph for a token bucket.
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs"])  # eager steps vary it: one compiled variant, not three
 def _paged_prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_seqlens_q_ptr, seq_lens_ptr, out_ptr,
     qk_scale, num_seqs,
@@ -362,6 +362,10 @@ def _paged_prefill_kernel(
         tl.store(out_ptr + o_rows[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
+SEARCH_STEPS = 16  # binary-search steps for a program's sequence: up to 65,535 sequences a step. Fixed, not
+# fitted to each step's count, which would compile a kernel variant per power of two in the middle of serving.
+
+
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
                             scale: float, block_m: int | None = None, block_n: int | None = None,
@@ -379,6 +383,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     _, block_size, num_kv_heads, _ = k_cache.shape
     _check_attention_inputs(q, k_cache, v_cache)
     num_seqs = seq_lens.numel()
+    if num_seqs >= 1 << SEARCH_STEPS:
+        raise ValueError(f"{num_seqs} sequences in one step: at most {(1 << SEARCH_STEPS) - 1}")
     if cu_seqlens_q.numel() != num_seqs + 1:
         raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.numel()} entries for {num_seqs} sequences")
     out = torch.empty_like(q)
@@ -400,7 +406,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m,
-        BLOCK_N=block_n, SEARCH_STEPS=max(1, (num_seqs + 1).bit_length()),
+        BLOCK_N=block_n, SEARCH_STEPS=SEARCH_STEPS,
         # The interpreter (CPU tensors) multiplies bf16 as raw uint16: give it fp32.
         UPCAST=q.device.type == "cpu" and q.dtype == torch.bfloat16,
         num_warps=num_warps, num_stages=num_stages,
