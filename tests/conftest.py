@@ -63,3 +63,34 @@ def hf_greedy(path: str, prompts: list[list[int]], max_tokens: int) -> list[list
                 tokens.append(int(out.logits[0, -1].argmax()))
             outputs.append(tokens)
     return outputs
+
+
+class EagerGraph:
+    """Stands in for a CUDA graph on the CPU: each replay runs the captured step again, on the same buffers."""
+
+    def __init__(self, step):
+        self.step, self.replays = step, 0
+
+    def replay(self):
+        self.replays += 1
+        self.step()
+
+    def pool(self):
+        return None
+
+
+def cuda_paths_on_cpu(runner, monkeypatch, multiple: int, buckets: list[int] | None = None, max_seqs: int = 0):
+    """Give a CPU runner the CUDA runner's attention path: the Triton kernels (in the interpreter), the CUDA
+    runner's prompt inputs (padded to `multiple`, no context gathered) and, given `buckets`, prompt steps run from
+    the padded static buffers of engine/prompt_graphs.py, each graph stood in by an EagerGraph."""
+    from nanovllm.engine import prompt_graphs
+    from nanovllm.layers.attention import Attention
+    runner.prefill_token_multiple, runner.backend = multiple, "triton"
+    for attention in [m for m in runner.model.modules() if isinstance(m, Attention)]:
+        attention.backend = "triton"
+    if buckets:
+        monkeypatch.setattr(prompt_graphs, "capture", lambda step, pool, device: EagerGraph(step))
+        c = runner.config
+        runner.prompt_graphs = prompt_graphs.PromptGraphs(
+            runner.model, buckets, max_seqs=max_seqs, max_blocks=c.max_model_len // c.kv_cache_block_size,
+            hidden_size=c.hf_config.hidden_size, dtype=c.dtype, device=runner.device)

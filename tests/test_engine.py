@@ -4,7 +4,7 @@ import contextlib
 import pytest
 import torch
 
-from conftest import hf_greedy, random_prompts
+from conftest import cuda_paths_on_cpu, hf_greedy, random_prompts
 from nanovllm import LLM, LLMEngine, SamplingParams
 from nanovllm.utils.checkpoints import make_random_checkpoint
 
@@ -71,53 +71,26 @@ def test_padded_prompt_tokens_change_no_token(qwen3_path, buckets):
     assert [o["token_ids"] for o in outputs] == hf_greedy(qwen3_path, prompts, GREEDY.max_tokens)
 
 
-def test_triton_attention_kernels_give_the_same_tokens(qwen3_path):
+def test_triton_attention_kernels_give_the_same_tokens(qwen3_path, monkeypatch):
     """The CUDA path's attention (Triton kernels: prompt chunks over the paged cache, decode, the KV store), run
     in Triton's interpreter on the CPU, fp32: chunks beside decodes, chunks reading earlier chunks' KV, the
     padding pseudo-sequence; the tokens stay transformers'."""
-    from nanovllm.layers.attention import Attention
     prompts = random_prompts(4, 1, 100, seed=4)
     llm = LLM(qwen3_path, **dict(SMALL, chunked_prefill_tokens=40))
-    runner = llm.model_runner
-    runner.prefill_token_multiple, runner.backend = 32, "triton"  # the CUDA runner's inputs (no context gather)
-    for attention in [m for m in runner.model.modules() if isinstance(m, Attention)]:
-        attention.backend = "triton"
+    cuda_paths_on_cpu(llm.model_runner, monkeypatch, multiple=32)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     outputs = llm.generate(prompts, params, use_tqdm=False)
     assert [o["token_ids"] for o in outputs] == hf_greedy(qwen3_path, prompts, params.max_tokens)
-
-
-class EagerGraph:
-    """Stands in for a CUDA graph on the CPU: each replay runs the captured step again, on the same buffers."""
-
-    def __init__(self, step):
-        self.step, self.replays = step, 0
-
-    def replay(self):
-        self.replays += 1
-        self.step()
-
-    def pool(self):
-        return None
 
 
 def test_prompt_steps_replayed_from_padded_static_buffers_give_the_same_tokens(qwen3_path, monkeypatch):
     """engine/prompt_graphs.py with its capture standing in (EagerGraph), the Triton kernels in the interpreter:
     each prompt step is padded to its token bucket and to the graphs' sequence count and read from static buffers,
     as a replay on a GPU reads them; chunks beside decodes and chunks after cached context included."""
-    from nanovllm.engine import prompt_graphs
-    from nanovllm.layers.attention import Attention
-    monkeypatch.setattr(prompt_graphs, "capture", lambda step, pool, device: EagerGraph(step))
-    config = dict(SMALL, chunked_prefill_tokens=40, max_num_batched_tokens=128)
-    llm = LLM(qwen3_path, **config)
+    from nanovllm.engine.prompt_graphs import bucket_sizes
+    llm = LLM(qwen3_path, **dict(SMALL, chunked_prefill_tokens=40, max_num_batched_tokens=128))
     runner = llm.model_runner
-    runner.prefill_token_multiple, runner.backend = 16, "triton"
-    for attention in [m for m in runner.model.modules() if isinstance(m, Attention)]:
-        attention.backend = "triton"
-    runner.prompt_graphs = prompt_graphs.PromptGraphs(
-        runner.model, prompt_graphs.bucket_sizes(16, 128), max_seqs=12,
-        max_blocks=config["max_model_len"] // config["kv_cache_block_size"],
-        hidden_size=runner.config.hf_config.hidden_size, dtype=torch.float32, device=runner.device)
+    cuda_paths_on_cpu(runner, monkeypatch, multiple=16, buckets=bucket_sizes(16, 128), max_seqs=12)
     prompts = random_prompts(6, 1, 120, seed=5)
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     outputs = llm.generate(prompts, params, use_tqdm=False)

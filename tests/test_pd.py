@@ -8,7 +8,7 @@ from collections import deque
 import pytest
 import torch
 
-from conftest import hf_greedy, random_prompts
+from conftest import cuda_paths_on_cpu, hf_greedy, random_prompts
 from nanovllm import LLM, SamplingParams
 from nanovllm.engine import llm_engine
 from nanovllm.engine.kv_transfer import KVTransfer
@@ -44,6 +44,24 @@ def test_pd_matches_transformers_and_keeps_caches_separate(llama_path):
     assert pd.prefill_runner.num_kv_blocks == 32 and pd.decode_runner.num_kv_blocks == 64
     outputs = pd.generate(prompts, GREEDY, use_tqdm=False)
     assert [o["token_ids"] for o in outputs] == hf_greedy(llama_path, prompts, GREEDY.max_tokens)
+
+
+def test_pd_on_the_cuda_attention_path_matches_single_device(qwen3_path, monkeypatch):
+    """Adaptive PD with both runners on the CUDA path (Triton kernels in the interpreter, prompt steps run from the
+    prompt graphs' padded buffers): KV copied between the caches those kernels read, prompts on both workers."""
+    from nanovllm.engine.prompt_graphs import bucket_sizes
+    prompts = random_prompts(12, 40, 100, seed=14)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    single = LLM(qwen3_path, **SINGLE, num_kv_cache_blocks=128).generate(prompts, params, use_tqdm=False)
+    # 128-token steps: more prompt tokens wait than worker 0 computes in one, so worker 1 starts prompts too
+    pd = LLM(qwen3_path, **dict(PD, max_num_batched_tokens=128), num_kv_cache_blocks=64, num_prefill_kv_cache_blocks=64)
+    for runner in (pd.prefill_runner, pd.decode_runner):
+        cuda_paths_on_cpu(runner, monkeypatch, multiple=16, buckets=bucket_sizes(16, 128), max_seqs=12)
+    outputs = pd.generate(prompts, params, use_tqdm=False)
+    assert [o["token_ids"] for o in outputs] == [o["token_ids"] for o in single]
+    assert pd.stats["kv_copies"] > 0
+    assert all(sum(graph.replays for graph in r.prompt_graphs.graphs.values()) > 0
+               for r in (pd.prefill_runner, pd.decode_runner))
 
 
 def test_pd_decode_preemption_recomputes(qwen3_path):
