@@ -79,6 +79,11 @@ class EagerGraph:
         return None
 
 
+# Triton runs on CPU tensors only in its interpreter, which is on only without a GPU (above); with one, the GPU
+# tests run the same path for real.
+triton_interpreter = pytest.mark.skipif(torch.cuda.is_available(), reason="Triton's interpreter is off with a GPU")
+
+
 def cuda_paths_on_cpu(runner, monkeypatch, multiple: int, buckets: list[int] | None = None, max_seqs: int = 0):
     """Give a CPU runner the CUDA runner's attention path: the Triton kernels (in the interpreter), the CUDA
     runner's prompt inputs (padded to `multiple`, no context gathered) and, given `buckets`, prompt steps run from

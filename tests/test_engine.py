@@ -4,7 +4,7 @@ import contextlib
 import pytest
 import torch
 
-from conftest import cuda_paths_on_cpu, hf_greedy, random_prompts
+from conftest import cuda_paths_on_cpu, hf_greedy, random_prompts, triton_interpreter
 from nanovllm import LLM, LLMEngine, SamplingParams
 from nanovllm.utils.checkpoints import make_random_checkpoint
 
@@ -71,6 +71,7 @@ def test_padded_prompt_tokens_change_no_token(qwen3_path, buckets):
     assert [o["token_ids"] for o in outputs] == hf_greedy(qwen3_path, prompts, GREEDY.max_tokens)
 
 
+@triton_interpreter
 def test_triton_attention_kernels_give_the_same_tokens(qwen3_path, monkeypatch):
     """The CUDA path's attention (Triton kernels: prompt chunks over the paged cache, decode, the KV store), run
     in Triton's interpreter on the CPU, fp32: chunks beside decodes, chunks reading earlier chunks' KV, the
@@ -83,6 +84,7 @@ def test_triton_attention_kernels_give_the_same_tokens(qwen3_path, monkeypatch):
     assert [o["token_ids"] for o in outputs] == hf_greedy(qwen3_path, prompts, params.max_tokens)
 
 
+@triton_interpreter
 def test_prompt_steps_replayed_from_padded_static_buffers_give_the_same_tokens(qwen3_path, monkeypatch):
     """engine/prompt_graphs.py with its capture standing in (EagerGraph), the Triton kernels in the interpreter:
     each prompt step is padded to its token bucket and to the graphs' sequence count and read from static buffers,

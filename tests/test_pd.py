@@ -8,7 +8,7 @@ from collections import deque
 import pytest
 import torch
 
-from conftest import cuda_paths_on_cpu, hf_greedy, random_prompts
+from conftest import cuda_paths_on_cpu, hf_greedy, random_prompts, triton_interpreter
 from nanovllm import LLM, SamplingParams
 from nanovllm.engine import llm_engine
 from nanovllm.engine.kv_transfer import KVTransfer
@@ -46,6 +46,7 @@ def test_pd_matches_transformers_and_keeps_caches_separate(llama_path):
     assert [o["token_ids"] for o in outputs] == hf_greedy(llama_path, prompts, GREEDY.max_tokens)
 
 
+@triton_interpreter
 def test_pd_on_the_cuda_attention_path_matches_single_device(qwen3_path, monkeypatch):
     """Adaptive PD with both runners on the CUDA path (Triton kernels in the interpreter, prompt steps run from the
     prompt graphs' padded buffers): KV copied between the caches those kernels read, prompts on both workers."""
