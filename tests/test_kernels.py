@@ -223,8 +223,8 @@ def test_paged_prefill_attention_in_cuda_graph():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = paged_prefill_attention(q, k_cache, v_cache, tables, cu, lens, 0.2)
-    cu.copy_(torch.tensor([0, 5, 40]))
-    lens.copy_(torch.tensor([20, 35]))
+    cu.copy_(torch.tensor([0, 35, 40]))  # within each sequence's block table (3 blocks and 1 of 16 tokens)
+    lens.copy_(torch.tensor([38, 5]))
     graph.replay()
     ref = reference_prefill(q, k_cache, v_cache, tables, cu, lens, 0.2)
     torch.testing.assert_close(out.float(), ref, **TOL)

@@ -80,12 +80,12 @@ class ModelRunner:
             for attn in self.model.attention_layers():
                 attn.backend = self.backend
             self.sampler = Sampler()
+            self.prompt_graphs: PromptGraphs | None = None  # captured below, after the memory-sizing warm-up
             self._warmup()
             self._allocate_kv_cache(num_kv_blocks)
             self.graphs = {}
             if self.is_cuda and not config.enforce_eager and role != "prefill":
                 self._capture_cudagraphs()
-            self.prompt_graphs: PromptGraphs | None = None
             if self.is_cuda and not config.enforce_eager and role != "decode" and self.backend == "triton":
                 self._capture_prompt_graphs()
             if config.sm_partitions and role != "prefill":
