@@ -94,7 +94,7 @@ def cuda_paths_on_cpu(runner, monkeypatch, multiple: int, buckets: list[int] | N
     for attention in [m for m in runner.model.modules() if isinstance(m, Attention)]:
         attention.backend = "triton"
     if buckets:
-        monkeypatch.setattr(prompt_graphs, "capture", lambda step, pool, device: EagerGraph(step))
+        monkeypatch.setattr(prompt_graphs, "capture", lambda step, pool, stream: EagerGraph(step))
         c = runner.config
         runner.prompt_graphs = prompt_graphs.PromptGraphs(
             runner.model, buckets, max_seqs=max_seqs, max_blocks=c.max_model_len // c.kv_cache_block_size,

@@ -81,12 +81,14 @@ class ModelRunner:
                 attn.backend = self.backend
             self.sampler = Sampler()
             self.prompt_graphs: PromptGraphs | None = None  # captured below, after the memory-sizing warm-up
+            self.graphs_prompts = (self.is_cuda and not config.enforce_eager and role != "decode"
+                                   and self.backend == "triton")
             self._warmup()
             self._allocate_kv_cache(num_kv_blocks)
             self.graphs = {}
             if self.is_cuda and not config.enforce_eager and role != "prefill":
                 self._capture_cudagraphs()
-            if self.is_cuda and not config.enforce_eager and role != "decode" and self.backend == "triton":
+            if self.graphs_prompts:
                 self._capture_prompt_graphs()
             if config.sm_partitions and role != "prefill":
                 self.partitions = SMPartitions.from_config(self)
@@ -177,7 +179,10 @@ class ModelRunner:
         free, total = torch.cuda.mem_get_info(self.device)
         stats = torch.cuda.memory_stats(self.device)
         peak, current = stats["allocated_bytes.all.peak"], stats["allocated_bytes.all.current"]
-        budget = total * self.config.gpu_memory_utilization - (total - free) - (peak - current)
+        # A step's activations at most (peak - current, from the warm-up's largest step) stay free for eager steps;
+        # prompt-step graphs hold as much again in their own pool (their buckets reuse the largest one's share).
+        activations = (peak - current) * (2 if self.graphs_prompts else 1)
+        budget = total * self.config.gpu_memory_utilization - (total - free) - activations
         return int(budget) // block_bytes
 
     # ---- inputs (host side: plain arrays, sent as they are to the other tensor-parallel ranks) ----
@@ -342,14 +347,19 @@ class ModelRunner:
 
     def _capture_prompt_graphs(self):
         start, c, sizes = time.perf_counter(), self.config, self.prompt_buckets
+        torch.cuda.empty_cache()  # so that the memory reserved grows by the graphs' pool only
+        before = torch.cuda.memory_reserved(self.device)
         self.prompt_graphs = PromptGraphs(self.model, sizes, max_seqs=c.max_num_seqs + 1,  # + the padding's
                                           max_blocks=-(-c.max_model_len // self.block_size),
                                           hidden_size=c.hf_config.hidden_size, dtype=c.dtype, device=self.device,
-                                          pool=getattr(self, "graph_pool", None))
+                                          pool=getattr(self, "graph_pool", None),
+                                          stream=torch.cuda.Stream(self.device))
         self.graph_pool = self.prompt_graphs.pool  # one pool for all of this runner's graphs
         torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
         logger.info(f"captured {len(sizes)} prompt-step CUDA graphs on {self.device} ({sizes[0]} to {sizes[-1]} "
-                    f"tokens) in {time.perf_counter() - start:.1f}s")
+                    f"tokens) in {time.perf_counter() - start:.1f}s, "
+                    f"{(torch.cuda.memory_reserved(self.device) - before) / 2**30:.2f} GiB")
 
     # ---- CUDA graphs for decode ----
 

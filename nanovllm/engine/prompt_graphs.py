@@ -30,12 +30,14 @@ def bucket_sizes(multiple: int, largest: int) -> list[int]:
         size = size * 2 if size < 8 * multiple else size + 8 * multiple
 
 
-def capture(step, pool, device: torch.device) -> torch.cuda.CUDAGraph:
+def capture(step, pool, stream: torch.cuda.Stream) -> torch.cuda.CUDAGraph:
     """`step` captured in a CUDA graph whose memory comes from `pool` (None: a new pool). torch.cuda.graph's default
     capture stream is created once per process, on whichever device was current then: a runner on another GPU
-    brings its own."""
+    brings its own. Captures that share a pool must share the stream too: the allocator reuses a block freed by one
+    capture only for allocations on the block's stream (with a new stream per capture, the 19 buckets of the 8B model
+    held 15 GiB on an H200)."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool, stream=torch.cuda.Stream(device)):
+    with torch.cuda.graph(graph, pool, stream=stream):
         step()
     return graph
 
@@ -44,7 +46,8 @@ class PromptGraphs:
 
     @torch.inference_mode()
     def __init__(self, model, sizes: list[int], max_seqs: int, max_blocks: int, hidden_size: int,
-                 dtype: torch.dtype, device: torch.device, pool=None):
+                 dtype: torch.dtype, device: torch.device, pool=None,
+                 stream: torch.cuda.Stream | None = None):
         self.sizes, self.max_seqs, self.max_blocks = sorted(sizes), max_seqs, max_blocks
         largest = self.sizes[-1]
         with torch.device(device):
@@ -61,7 +64,7 @@ class PromptGraphs:
             def step(size=size):
                 self.hidden[:size] = model(self.input_ids[:size], self.positions[:size], self._context(size))
             step()  # outside the capture: compiles, picks the matmul kernels for this size
-            self.graphs[size] = capture(step, pool, device)
+            self.graphs[size] = capture(step, pool, stream)
             pool = pool or self.graphs[size].pool()
         self.pool = pool
 
