@@ -81,8 +81,9 @@ class ModelRunner:
                 attn.backend = self.backend
             self.sampler = Sampler()
             self.prompt_graphs: PromptGraphs | None = None  # captured below, after the memory-sizing warm-up
+            # Not yet with tensor parallelism: its ranks' prompt-step captures have not run on GPUs.
             self.graphs_prompts = (self.is_cuda and not config.enforce_eager and role != "decode"
-                                   and self.backend == "triton")
+                                   and self.backend == "triton" and self.tp.size == 1)
             self._warmup()
             self._allocate_kv_cache(num_kv_blocks)
             self.graphs = {}
