@@ -82,14 +82,14 @@ class ModelRunner:
             self.sampler = Sampler()
             self.prompt_graphs: PromptGraphs | None = None  # captured below, after the memory-sizing warm-up
             # Not yet with tensor parallelism: its ranks' prompt-step captures have not run on GPUs.
-            self.graphs_prompts = (self.is_cuda and not config.enforce_eager and role != "decode"
-                                   and self.backend == "triton" and self.tp.size == 1)
+            self.captures_prompt_steps = (self.is_cuda and not config.enforce_eager and role != "decode"
+                                          and self.backend == "triton" and self.tp.size == 1)
             self._warmup()
             self._allocate_kv_cache(num_kv_blocks)
             self.graphs = {}
             if self.is_cuda and not config.enforce_eager and role != "prefill":
                 self._capture_cudagraphs()
-            if self.graphs_prompts:
+            if self.captures_prompt_steps:
                 self._capture_prompt_graphs()
             if config.sm_partitions and role != "prefill":
                 self.partitions = SMPartitions.from_config(self)
@@ -182,7 +182,7 @@ class ModelRunner:
         peak, current = stats["allocated_bytes.all.peak"], stats["allocated_bytes.all.current"]
         # A step's activations at most (peak - current, from the warm-up's largest step) stay free for eager steps;
         # prompt-step graphs hold as much again in their own pool (their buckets reuse the largest one's share).
-        activations = (peak - current) * (2 if self.graphs_prompts else 1)
+        activations = (peak - current) * (2 if self.captures_prompt_steps else 1)
         budget = total * self.config.gpu_memory_utilization - (total - free) - activations
         return int(budget) // block_bytes
 
