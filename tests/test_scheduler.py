@@ -247,7 +247,7 @@ def test_the_decode_worker_queues_more_steps_while_the_prefill_worker_has_prompt
 
 
 def test_the_decode_worker_queues_two_steps_while_it_has_prompt_chunks_of_its_own():
-    """A step with a prompt chunk is hundreds of eager launches: six of them queued would fill CUDA's launch queue
+    """An eager step with a prompt chunk is hundreds of launches: six of them queued would fill CUDA's launch queue
     and block the one host thread that also feeds worker 0. Worker 1 keeps DEEP_QUEUE steps only while it decodes."""
     from nanovllm.engine.scheduler import DEEP_QUEUE
     s = pd_scheduler()

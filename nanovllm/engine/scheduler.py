@@ -462,8 +462,10 @@ class SingleDevice:
         prompt tokens waiting than one step takes, worker 0 is the bottleneck and the host's time is its: prompt
         steps are host-bound, and each decode step launched in between delays them (BENCHMARKS.md, session 22).
         Only while that worker has no prompt chunk of its own: its decode steps are one graph launch each, but a
-        step with a chunk is hundreds of eager launches, and a GPU queues only ~700-1,200 launches (H200, session
-        28's probe); beyond that the host blocks inside a launch until the GPU drains, and the other GPU starves."""
+        step with a chunk was hundreds of eager launches (session 28; since session 29 chunks up to 16,384 tokens
+        replay prompt-step graphs, so the rule may cost more than it saves: not yet measured), and a GPU queues
+        only ~700-1,200 launches (H200, session 28's probe); beyond that the host blocks inside a launch until the
+        GPU drains, and the other GPU starves."""
         s = self.scheduler
         if worker == self.prefill_worker or not (s.waiting or s.prefilling[self.prefill_worker]):
             return 2
