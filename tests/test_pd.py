@@ -175,8 +175,8 @@ def prompt_workers(llm) -> dict[int, set[int]]:
 
 @pytest.mark.parametrize("policy", ["adaptive", "static"])
 def test_the_decode_worker_starts_prompts_only_when_worker_0_has_a_backlog(qwen3_path, policy):
-    """Adaptive: with more prompt tokens queued than worker 0 computes in a step, worker 1 starts prompts too, and
-    decodes them where they were prefilled; one prompt at a time stays on worker 0. Static: never on worker 1."""
+    """Both policies: with more prompt tokens queued than worker 0 computes in a step, worker 1 starts prompts too,
+    and decodes them where they were prefilled; one prompt at a time stays on worker 0."""
     prompts = random_prompts(16, 40, 90, seed=25)  # ~1,000 prompt tokens, in steps of 256
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     single = LLM(qwen3_path, **SINGLE, num_kv_cache_blocks=128).generate(prompts, params, use_tqdm=False)
@@ -185,10 +185,7 @@ def test_the_decode_worker_starts_prompts_only_when_worker_0_has_a_backlog(qwen3
     outputs = pd.generate(prompts, params, use_tqdm=False)
     assert [o["token_ids"] for o in outputs] == [o["token_ids"] for o in single]
     assert len(started[0] | started[1]) == len(prompts) and not started[0] & started[1]
-    if policy == "static":
-        assert not started[1]
-    else:
-        assert started[0] and started[1] and started[1] <= stayed  # worker 1's prompts decode there: no copy
+    assert started[0] and started[1] and started[1] <= stayed  # worker 1's prompts decode there: no copy
     started[0].clear()
     on_worker_1 = len(started[1])
     for prompt, expected in zip(prompts[:3], single):  # no backlog: one prompt at a time, on worker 0
@@ -196,13 +193,14 @@ def test_the_decode_worker_starts_prompts_only_when_worker_0_has_a_backlog(qwen3
     assert len(started[0]) == 3 and len(started[1]) == on_worker_1
 
 
-def test_one_long_prompt_is_no_backlog_by_itself(qwen3_path):
-    """Adaptive, CPU fp32: worker 1 starts the next prompt only while, without it, more than a step's worth of
+@pytest.mark.parametrize("policy", ["adaptive", "static"])
+def test_one_long_prompt_is_no_backlog_by_itself(qwen3_path, policy):
+    """CPU fp32: worker 1 starts the next prompt only while, without it, more than a step's worth of
     prompt tokens waits for worker 0; one prompt longer than a step stays worker 0's."""
     long_prompts = random_prompts(2, 100, 100, seed=27)  # each longer than a step of 64 tokens
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     single = LLM(qwen3_path, **SINGLE, num_kv_cache_blocks=64).generate(long_prompts, params, use_tqdm=False)
-    pd = LLM(qwen3_path, **dict(PD, max_num_batched_tokens=64), num_kv_cache_blocks=64,
+    pd = LLM(qwen3_path, **dict(PD, max_num_batched_tokens=64), pd_policy=policy, num_kv_cache_blocks=64,
              num_prefill_kv_cache_blocks=64)
     first = pd.add_request(long_prompts[0], params)
     assert not pd.scheduler.policy.prefills_on(1)

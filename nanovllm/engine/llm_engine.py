@@ -108,8 +108,8 @@ class LLMEngine:
             self.workers = [Worker(ModelRunner(c, c.device, c.num_kv_cache_blocks), deque())]
             return
         prefill_blocks = c.num_prefill_kv_cache_blocks if c.num_prefill_kv_cache_blocks > 0 else c.num_kv_cache_blocks
-        # Static: one side only prefills, the other only decodes. Adaptive: both may do both (scheduler.py's policy).
-        roles = ("prefill", "decode") if c.pd_policy == "static" else ("both", "both")
+        # Static: worker 0 only prefills; worker 1 decodes, and prefills under a backlog (scheduler.py's policies).
+        roles = ("prefill", "both") if c.pd_policy == "static" else ("both", "both")
         self.workers = [Worker(ModelRunner(c, c.prefill_device_id, prefill_blocks, role=roles[0]), deque()),
                         Worker(ModelRunner(c, c.decode_device_id, c.num_kv_cache_blocks, role=roles[1]), deque())]
 

@@ -34,9 +34,7 @@ FAILURE_POLL_S = 50e-6  # tensor parallel: how often a wait for sampled tokens c
 class ModelRunner:
     """One model on one device: weights, paged KV cache, CUDA graphs for decode, sampling.
 
-    role "prefill" / "decode" (PD mode) only changes what is sized and captured: the prefill runner
-    warms up with a full prefill batch and captures no graphs; the decode runner warms up with a decode
-    batch, so more of its memory goes to KV blocks.
+    role "prefill" (static PD's worker 0, which never decodes) captures no decode graphs; "both" does it all.
 
     KV layout is block-major, [num_blocks, num_layers, 2 (K/V), block_size, kv_heads, head_dim], so that
     all layers of a run of consecutive blocks are one contiguous range: one copy moves them to a peer.
@@ -82,8 +80,8 @@ class ModelRunner:
             self.sampler = Sampler()
             self.prompt_graphs: PromptGraphs | None = None  # captured below, after the memory-sizing warm-up
             # Not yet with tensor parallelism: its ranks' prompt-step captures have not run on GPUs.
-            self.captures_prompt_steps = (self.is_cuda and not config.enforce_eager and role != "decode"
-                                          and self.backend == "triton" and self.tp.size == 1)
+            self.captures_prompt_steps = (self.is_cuda and not config.enforce_eager and self.backend == "triton"
+                                          and self.tp.size == 1)
             self._warmup()
             self._allocate_kv_cache(num_kv_blocks)
             self.graphs = {}
@@ -145,12 +143,9 @@ class ModelRunner:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         c, params = self.config, [_GREEDY, _SAMPLED]
-        if self.role == "decode":
-            seqs = [Sequence([0], params[i % 2], self.block_size) for i in range(c.max_num_seqs)]
-        else:
-            num_seqs = max(2, min(c.max_num_batched_tokens // c.max_model_len, c.max_num_seqs))
-            length = min(c.max_model_len, c.max_num_batched_tokens // num_seqs)
-            seqs = [Sequence([0] * length, params[i % 2], self.block_size) for i in range(num_seqs)]
+        num_seqs = max(2, min(c.max_num_batched_tokens // c.max_model_len, c.max_num_seqs))
+        length = min(c.max_model_len, c.max_num_batched_tokens // num_seqs)
+        seqs = [Sequence([0] * length, params[i % 2], self.block_size) for i in range(num_seqs)]
         self.run(Batch(0, prefills=[(seq, 0, len(seq)) for seq in seqs], sampled=seqs))
         for p in params:
             seq = Sequence([0], p, self.block_size)

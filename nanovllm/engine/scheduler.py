@@ -136,6 +136,15 @@ class Scheduler:
                 break
         return total
 
+    def prompts_wait_beyond_a_step(self) -> bool:
+        """Without the head of the waiting queue, more prompt tokens are queued than the prefill worker computes
+        in a step: it is the bottleneck, and prompts wait for it (TTFT) where two independent engines would have
+        started them. (One long prompt alone does not count, however many steps it takes.)"""
+        if not self.waiting:
+            return False
+        limit, head = self.max_num_batched_tokens, self.waiting[0].num_tokens - self.waiting[0].num_computed_tokens
+        return self.prompt_backlog(limit + head) - head > limit
+
     def _schedule_decodes(self, batch: Batch):
         """One token for each sequence decoding here; when blocks run out, the newest sequences are preempted.
         (The hot loop of the host: it runs for every sequence at every step, so it is written flat.)"""
@@ -478,20 +487,29 @@ DEEP_QUEUE = 6  # decode steps of ~5 ms: ~30 ms of work queued on the decode GPU
 
 
 class StaticPD(SingleDevice):
-    """Worker 0 only prefills, worker 1 only decodes (M1). A prompt is admitted only when worker 1 can hold
-    it: its decode blocks are reserved at admission (back-pressure), and the sequence always moves."""
+    """Worker 0 prefills, worker 1 decodes everything (M1). A prompt is admitted only when worker 1 can hold
+    it: its decode blocks are reserved at admission (back-pressure), and the sequence moves there.
+
+    Worker 1 also starts a waiting prompt while more prompt tokens wait than worker 0 computes in a step (the
+    same rule as adaptive's): the prompts would otherwise queue behind one GPU where two independent engines split
+    them (TTFT). It prefills it in chunks of `chunked_prefill_tokens` beside its decodes, which bounds what
+    they wait, and decodes it in place, no copy."""
 
     def can_admit(self, seq: Sequence) -> bool:
         s = self.scheduler
         # decoding[0]: prompts done on worker 0 whose copies have not started yet
-        in_flight = len(s.decoding[0]) + len(s.decoding[1]) + len(s.migrating) + len(s.prefilling[0])
+        in_flight = sum(map(len, s.decoding)) + len(s.migrating) + sum(map(len, s.prefilling))
         return in_flight < s.max_num_seqs and s.block_managers[1].num_free_blocks - seq.num_blocks >= s.watermark(1)
 
+    def prefills_on(self, worker: int) -> bool:
+        return worker == self.prefill_worker or self.scheduler.prompts_wait_beyond_a_step()
+
     def admitted(self, seq: Sequence):
-        seq.migration = (1, self.scheduler.block_managers[1].allocate_blocks(seq.num_blocks))
+        if seq.worker != 1:
+            seq.migration = (1, self.scheduler.block_managers[1].allocate_blocks(seq.num_blocks))
 
     def place(self, seq: Sequence) -> int:
-        return 1  # its blocks there were reserved at admission
+        return 1  # its blocks there were reserved at admission, or it was prefilled there
 
 
 class AdaptivePD(SingleDevice):
@@ -524,17 +542,10 @@ class AdaptivePD(SingleDevice):
         return running < s.max_num_seqs * s.num_workers
 
     def prefills_on(self, worker: int) -> bool:
-        """Worker 0 prefills. Another worker also starts the next waiting prompt while, without it, more prompt
-        tokens are queued than worker 0 computes in a step: worker 0 is then the bottleneck, and prompts would wait
-        for it (TTFT) where two independent engines would have started them. Such a prompt decodes where it was
-        prefilled, no copy. (Without it: one long prompt alone stays on worker 0, however many steps it takes.)"""
-        s = self.scheduler
-        if worker == self.prefill_worker:
-            return True
-        if not s.waiting:
-            return False
-        limit, head = s.max_num_batched_tokens, s.waiting[0].num_tokens - s.waiting[0].num_computed_tokens
-        return s.prompt_backlog(limit + head) - head > limit
+        """Worker 0 prefills; another worker also starts the next waiting prompt while worker 0 is the
+        bottleneck (see StaticPD). Such a prompt decodes where it was prefilled, no copy."""
+        return worker == self.prefill_worker or self.scheduler.prompts_wait_beyond_a_step()
+
 
     def note_step(self, batch: Batch):
         if batch.worker == self.prefill_worker:
