@@ -293,3 +293,25 @@ def test_a_kv_copy_waits_only_for_the_steps_that_write_its_blocks(qwen3_path, mo
     src.copy_stream.waited.clear()
     pd._copy(0, 1, [(0, 0)], after_step=0)  # tokens known: the KV is written
     assert src.copy_stream.waited == []
+
+
+def test_adaptive_pd_keeps_decodes_off_worker_0_while_requests_keep_coming(qwen3_path):
+    """CPU fp32, adaptive: a request every 3 engine steps, each prompt done in one step, so worker 0 has no prompt
+    most of the time. While requests keep coming it decodes nothing (the next prompt is due: decodes there would
+    wait on it, and move back); each sequence moves once, to worker 1. Once they stop, worker 0 takes decodes in the
+    lull (the end of a batch). Tokens equal one device's."""
+    prompts = random_prompts(12, 5, 30, seed=31)
+    params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    single = LLM(qwen3_path, **SINGLE, num_kv_cache_blocks=128).generate(prompts, params, use_tqdm=False)
+    pd = LLM(qwen3_path, **PD, num_kv_cache_blocks=64, num_prefill_kv_cache_blocks=64)
+    counts = decode_counts(pd)
+    ids, finished, step = [], {}, 0
+    while len(ids) < len(prompts) or not pd.is_finished():
+        if step % 3 == 0 and len(ids) < len(prompts):
+            ids.append(pd.add_request(prompts[len(ids)], params))
+            decoded_on_0_while_arriving, moves_while_arriving = counts[0], pd.scheduler.num_migrations
+        finished.update((out.request_id, out.token_ids) for out in pd.step() if out.finished)
+        step += 1
+    assert decoded_on_0_while_arriving == 0 and moves_while_arriving <= len(prompts)
+    assert counts[0] > 0  # in the lull after the last request
+    assert [finished[i] for i in ids] == [o["token_ids"] for o in single]

@@ -80,6 +80,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_migrations = 0
         self.num_backpressure_stalls = 0  # steps in which admission waited for room to decode
+        self.num_added = 0  # requests ever added (a policy tells arrivals from it)
 
     def check_capacity(self):
         for i, bm in enumerate(self.block_managers):
@@ -94,6 +95,7 @@ class Scheduler:
 
     def add(self, seq: Sequence):
         self.waiting.append(seq)
+        self.num_added += 1
 
     def is_finished(self) -> bool:
         return not self.waiting and not self.migrating and not any(self.prefilling) and not any(self.decoding)
@@ -525,7 +527,11 @@ class AdaptivePD(SingleDevice):
     While worker 0 has prompts to compute, every finished prompt that fits on worker 1 decodes there, and nothing
     moves onto worker 0: its decodes would wait on its prompt chunks, and sequences moved there would move back once
     the prompts' load shows (BENCHMARKS.md, session 21: better latency tails online at 32-48 req/s, mixed at 16,
-    about 1.5% slower offline).
+    about 1.5% slower offline). The same holds between prompts while requests keep arriving: worker 0 takes decodes
+    only in a lull, no request for many times the usual gap between requests (the end of an offline batch, where
+    dp's engines each end with a few long sequences), or when worker 1 has no room. Session 30 measured adaptive
+    PD, which moved decodes onto worker 0 whenever it had no prompt, online on the Qwen3-8B shape: 3-7x static's
+    moves (1,364 for 200 requests at 6 req/s) and worse TTFT and inter-token p99s than static at every rate.
     """
 
     def __init__(self, scheduler: Scheduler):
@@ -535,6 +541,10 @@ class AdaptivePD(SingleDevice):
         self.prefill_rate = 0.0  # prompt tokens worker 0 computes per engine step, moving average
         self._prefill_tokens = 0  # since the last engine step
         self._loads: list[float] | None = None
+        self.steps = 0  # engine steps so far (rebalance runs once in each)
+        self.last_arrival = 0  # the engine step in which the latest request came
+        self.arrival_gap = 0.0  # engine steps between requests, moving average (a batch at once: 0)
+        self._num_added = 0
 
     def can_admit(self, seq: Sequence) -> bool:
         s = self.scheduler
@@ -577,10 +587,18 @@ class AdaptivePD(SingleDevice):
         s = self.scheduler
         return bool(s.waiting or s.prefilling[self.prefill_worker])
 
+    def in_a_lull(self) -> bool:
+        """No request came for LULL_GAPS times the usual gap (and LULL_MIN_STEPS): no prompt is due soon."""
+        return self.steps - self.last_arrival > max(LULL_MIN_STEPS, LULL_GAPS * self.arrival_gap)
+
+    def keeps_worker_0_for_prompts(self) -> bool:
+        """Worker 0's decodes would wait on prompt chunks, now or soon: it takes none while another worker has room."""
+        return self.has_prompt_work() or not self.in_a_lull()
+
     def place(self, seq: Sequence) -> int:
         loads = self.loads()  # without `seq`, which is in no worker's queue yet
         target = min(range(len(loads)), key=lambda w: (loads[w], -w))
-        if self.has_prompt_work():  # worker 0's decodes would wait on its prompt chunks: elsewhere if there is room
+        if self.keeps_worker_0_for_prompts():  # elsewhere if there is room
             target = next((w for w in range(len(loads)) if w != self.prefill_worker and self.has_room(w, seq)), target)
         if target != seq.worker and not self.has_room(target, seq):
             target = seq.worker
@@ -593,11 +611,16 @@ class AdaptivePD(SingleDevice):
         self._prefill_tokens = 0
         self._loads = None
         s = self.scheduler
+        self.steps += 1
+        if s.num_added != self._num_added:  # requests came since the last engine step
+            self._num_added = s.num_added
+            self.arrival_gap = 0.9 * self.arrival_gap + 0.1 * (self.steps - self.last_arrival - 1)
+            self.last_arrival = self.steps
         for _ in range(MAX_MOVES_PER_STEP):
             loads = self.loads()
             busy, idle = sorted(range(len(loads)), key=loads.__getitem__, reverse=True)[:2]
-            if idle == self.prefill_worker and self.has_prompt_work():
-                return  # no moves onto the prefill worker while it has prompts: they would come back (ping-pong)
+            if idle == self.prefill_worker and self.keeps_worker_0_for_prompts():
+                return  # no moves onto the prefill worker while prompts are there or due: they would come back
             gap = loads[busy] - loads[idle]
             if gap < REBALANCE_GAP * sum(loads):
                 return
@@ -625,6 +648,8 @@ def model_sizes(hf, itemsize: int) -> tuple[int, int]:
 
 
 MAX_MOVES_PER_STEP = 4
+LULL_GAPS = 8  # a Poisson stream goes this many mean gaps without a request with probability e^-8, 0.03%
+LULL_MIN_STEPS = 8  # engine steps: at the end of an offline batch worker 0 starts decoding this late
 REBALANCE_GAP = 0.1  # a gap under this share of the total load is left alone: moves cost a copy and a step
 
 
