@@ -100,6 +100,10 @@ class Scheduler:
     def is_finished(self) -> bool:
         return not self.waiting and not self.migrating and not any(self.prefilling) and not any(self.decoding)
 
+    def num_admitted(self) -> int:
+        """Sequences admitted and not finished: prefilling, decoding or moving, on any worker."""
+        return sum(map(len, self.prefilling)) + sum(map(len, self.decoding)) + len(self.migrating)
+
     def abort(self, seq: Sequence):
         """Drop a request wherever it is. A MIGRATING sequence keeps its blocks until its copy is retired."""
         if seq.status == SequenceStatus.WAITING:
@@ -498,10 +502,9 @@ class StaticPD(SingleDevice):
     they wait, and decodes it in place, no copy."""
 
     def can_admit(self, seq: Sequence) -> bool:
-        s = self.scheduler
-        # decoding[0]: prompts done on worker 0 whose copies have not started yet
-        in_flight = sum(map(len, s.decoding)) + len(s.migrating) + sum(map(len, s.prefilling))
-        return in_flight < s.max_num_seqs and s.block_managers[1].num_free_blocks - seq.num_blocks >= s.watermark(1)
+        s = self.scheduler  # (decoding on worker 0: prompts done there whose copies have not started yet)
+        return (s.num_admitted() < s.max_num_seqs
+                and s.block_managers[1].num_free_blocks - seq.num_blocks >= s.watermark(1))
 
     def prefills_on(self, worker: int) -> bool:
         return worker == self.prefill_worker or self.scheduler.prompts_wait_beyond_a_step()
@@ -548,14 +551,12 @@ class AdaptivePD(SingleDevice):
 
     def can_admit(self, seq: Sequence) -> bool:
         s = self.scheduler
-        running = sum(map(len, s.decoding)) + len(s.migrating) + sum(map(len, s.prefilling))
-        return running < s.max_num_seqs * s.num_workers
+        return s.num_admitted() < s.max_num_seqs * s.num_workers
 
     def prefills_on(self, worker: int) -> bool:
         """Worker 0 prefills; another worker also starts the next waiting prompt while worker 0 is the
         bottleneck (see StaticPD). Such a prompt decodes where it was prefilled, no copy."""
         return worker == self.prefill_worker or self.scheduler.prompts_wait_beyond_a_step()
-
 
     def note_step(self, batch: Batch):
         if batch.worker == self.prefill_worker:
@@ -587,6 +588,17 @@ class AdaptivePD(SingleDevice):
         s = self.scheduler
         return bool(s.waiting or s.prefilling[self.prefill_worker])
 
+    def _count_engine_step(self):
+        """The moving averages the policy weighs by: worker 0's prompt tokens per step, steps between requests."""
+        self.prefill_rate = 0.9 * self.prefill_rate + 0.1 * self._prefill_tokens  # decays while worker 0 idles
+        self._prefill_tokens = 0
+        self._loads = None
+        self.steps += 1
+        if self.scheduler.num_added != self._num_added:  # requests came since the last engine step
+            self._num_added = self.scheduler.num_added
+            self.arrival_gap = 0.9 * self.arrival_gap + 0.1 * (self.steps - self.last_arrival - 1)
+            self.last_arrival = self.steps
+
     def in_a_lull(self) -> bool:
         """No request came for LULL_GAPS times the usual gap (and LULL_MIN_STEPS): no prompt is due soon."""
         return self.steps - self.last_arrival > max(LULL_MIN_STEPS, LULL_GAPS * self.arrival_gap)
@@ -607,15 +619,8 @@ class AdaptivePD(SingleDevice):
 
     def rebalance(self):
         """Once per engine step: move sequences off the busier worker while that narrows the gap (a few)."""
-        self.prefill_rate = 0.9 * self.prefill_rate + 0.1 * self._prefill_tokens  # decays while worker 0 idles
-        self._prefill_tokens = 0
-        self._loads = None
+        self._count_engine_step()
         s = self.scheduler
-        self.steps += 1
-        if s.num_added != self._num_added:  # requests came since the last engine step
-            self._num_added = s.num_added
-            self.arrival_gap = 0.9 * self.arrival_gap + 0.1 * (self.steps - self.last_arrival - 1)
-            self.last_arrival = self.steps
         for _ in range(MAX_MOVES_PER_STEP):
             loads = self.loads()
             busy, idle = sorted(range(len(loads)), key=loads.__getitem__, reverse=True)[:2]
