@@ -9,7 +9,7 @@ import pytest
 
 from nanovllm import SamplingParams
 from nanovllm.engine.block_manager import BlockManager
-from nanovllm.engine.scheduler import Scheduler
+from nanovllm.engine.scheduler import LULL_MIN_STEPS, Scheduler
 from nanovllm.engine.sequence import PENDING, Sequence, SequenceStatus
 
 PROMPT_TOKEN = count(1)
@@ -371,3 +371,20 @@ def test_adaptive_pd_keeps_its_load_figures_exact_while_it_places_prompts():
     kept = list(s.policy.loads())
     s.policy.changed()
     assert kept == s.policy.loads()
+
+
+def test_adaptive_pd_sees_the_lull_after_a_batch_that_came_after_a_long_pause():
+    """A second batch (another generate() call) after many steps without requests: the lull in which worker 0 takes
+    decodes starts as soon after it as after the first, not many times the long pause later."""
+    s = pd_scheduler()
+    s.add(make(8))
+    for _ in range(200):  # the first request's steps
+        s.policy.rebalance()
+    for _ in range(64):
+        s.add(make(8))
+    steps = 0
+    s.policy.rebalance()  # the engine step in which they came
+    while not s.policy.in_a_lull():
+        s.policy.rebalance()
+        steps += 1
+    assert steps == LULL_MIN_STEPS + 1  # more than LULL_MIN_STEPS steps without a request (main: 160)

@@ -594,10 +594,13 @@ class AdaptivePD(SingleDevice):
         self._prefill_tokens = 0
         self._loads = None
         self.steps += 1
-        if self.scheduler.num_added != self._num_added:  # requests came since the last engine step
-            self._num_added = self.scheduler.num_added
-            self.arrival_gap = 0.9 * self.arrival_gap + 0.1 * (self.steps - self.last_arrival - 1)
-            self.last_arrival = self.steps
+        arrived = self.scheduler.num_added - self._num_added  # requests since the last engine step
+        if arrived:
+            # A gap per request: the steps since the last arrival, then a gap of 0 for each other request of this
+            # step, so that a batch after a long pause (a second generate() call) reads as requests coming fast.
+            gap = self.steps - self.last_arrival - 1
+            self.arrival_gap = (0.9 * self.arrival_gap + 0.1 * gap) * 0.9 ** (arrived - 1)
+            self._num_added, self.last_arrival = self.scheduler.num_added, self.steps
 
     def in_a_lull(self) -> bool:
         """No request came for LULL_GAPS times the usual gap (and LULL_MIN_STEPS): no prompt is due soon."""
