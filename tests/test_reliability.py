@@ -1,8 +1,8 @@
 """A step that fails or is interrupted leaves the engine consistent, and the next call gives exact tokens.
 
-Faults are injected at each point of the step loop — a prefill launch, a decode launch, a decode at a KV-block
-boundary, collecting a step's tokens, starting a KV copy between workers, finishing one — as an exception or
-as KeyboardInterrupt (Ctrl-C), in single-device mode and in both PD policies, on CPU in fp32. After the fault:
+Faults are injected at each point of the step loop — a prefill launch (on either PD worker), a decode launch, a
+decode at a KV-block boundary, collecting a step's tokens, starting a KV copy between workers, finishing one — as
+an exception or as KeyboardInterrupt (Ctrl-C), in single-device mode and in both PD policies, on CPU in fp32. After the fault:
 no step in flight, every block free, nothing waiting; then the same prompts again (hitting the prefix cache
 the failed step must not have poisoned) give the tokens of a run that never failed.
 """
@@ -90,6 +90,8 @@ def inject(llm, point, error):
         kind = {"prefill": prefill, "decode": decode, "decode at block boundary": decode_at_block_boundary}[point]
         worker = llm.workers[-1] if point != "prefill" else llm.workers[0]
         return Fault(worker.runner, "launch", kind, error)
+    if point == "prefill on the decode worker":  # PD: it starts prompts too while worker 0 has a backlog
+        return Fault(llm.workers[1].runner, "launch", prefill, error)
     if point == "collect":
         return _fail_at_collect(llm.workers[-1].runner, error)
     if point == "kv copy start":
@@ -124,14 +126,17 @@ def assert_consistent(llm):
         assert bm.num_free_blocks == bm.num_blocks  # no block leaked
 
 
-POINTS = ["prefill", "decode", "decode at block boundary", "collect", "kv copy start", "kv copy finish"]
-CASES = [(mode, point) for mode in MODES for point in POINTS if mode != "single" or not point.startswith("kv")]
+POINTS = ["prefill", "decode", "decode at block boundary", "collect", "kv copy start", "kv copy finish",
+          "prefill on the decode worker"]
+PD_ONLY = ("kv copy start", "kv copy finish", "prefill on the decode worker")
+POINT_OPTIONS = {"prefill on the decode worker": dict(max_num_batched_tokens=64)}  # a backlog: worker 1 helps
+CASES = [(mode, point) for mode in MODES for point in POINTS if mode != "single" or point not in PD_ONLY]
 
 
 @pytest.mark.parametrize("error", [KeyboardInterrupt(), RuntimeError("injected")], ids=["ctrl-c", "exception"])
 @pytest.mark.parametrize("mode,point", CASES)
 def test_generate_after_a_fault_is_exact(qwen3_path, reference, mode, point, error):
-    llm = LLM(qwen3_path, **MODES[mode])
+    llm = LLM(qwen3_path, **{**MODES[mode], **POINT_OPTIONS.get(point, {})})
     fault = inject(llm, point, error)
     with pytest.raises(type(error)):
         llm.generate(PROMPTS, GREEDY, use_tqdm=False)
