@@ -451,8 +451,10 @@ class SingleDevice:
         return True
 
     def prefills_on(self, worker: int) -> bool:
-        """Whether `worker` may start a waiting prompt now."""
-        return worker == self.prefill_worker
+        """Whether `worker` may start a waiting prompt now. The prefill worker does; in PD the other also starts the
+        next one while worker 0 is the bottleneck (`Scheduler.prompts_wait_beyond_a_step`), and decodes it where it
+        was prefilled, no copy. (One device: only worker 0 is ever asked.)"""
+        return worker == self.prefill_worker or self.scheduler.prompts_wait_beyond_a_step()
 
     def admitted(self, seq: Sequence):
         pass
@@ -506,9 +508,6 @@ class StaticPD(SingleDevice):
         return (s.num_admitted() < s.max_num_seqs
                 and s.block_managers[1].num_free_blocks - seq.num_blocks >= s.watermark(1))
 
-    def prefills_on(self, worker: int) -> bool:
-        return worker == self.prefill_worker or self.scheduler.prompts_wait_beyond_a_step()
-
     def admitted(self, seq: Sequence):
         if seq.worker != 1:
             seq.migration = (1, self.scheduler.block_managers[1].allocate_blocks(seq.num_blocks))
@@ -552,11 +551,6 @@ class AdaptivePD(SingleDevice):
     def can_admit(self, seq: Sequence) -> bool:
         s = self.scheduler
         return s.num_admitted() < s.max_num_seqs * s.num_workers
-
-    def prefills_on(self, worker: int) -> bool:
-        """Worker 0 prefills; another worker also starts the next waiting prompt while worker 0 is the
-        bottleneck (see StaticPD). Such a prompt decodes where it was prefilled, no copy."""
-        return worker == self.prefill_worker or self.scheduler.prompts_wait_beyond_a_step()
 
     def note_step(self, batch: Batch):
         if batch.worker == self.prefill_worker:
